@@ -1,0 +1,205 @@
+"""``build_dataloader``: one ``DataLoader.Train|Eval`` section -> ``paddle.io.DataLoader``.
+
+Section layout (PaddleClas): ``{dataset: {name, ...}, sampler: {name, batch_size, ...},
+loader: {num_workers, use_shared_memory}}``. ``dataset.batch_transform_ops`` is ignored here:
+batch operators run in the train step, build them with ``batch_ops.build_batch_op``.
+
+Reproducible augmentation: the batch sampler is wrapped so that each index travels with its
+position in the epoch, and the dataset wrapper reseeds python ``random`` and numpy's global RNG
+from (seed, epoch, position) before each item. The result is the same whichever worker
+process handles the item, so ``num_workers=0`` and ``num_workers=2`` give identical batches.
+``worker_init_fn`` additionally seeds each worker from (seed, epoch, worker_id) and, with no
+workers, ``set_epoch`` seeds the main process, covering randomness outside ``__getitem__``.
+"""
+import inspect
+import random
+
+import numpy as np
+import paddle
+
+from ..errors import ConfigError
+from ..registry import DATASETS, SAMPLERS
+from .dataset import collate_skip_none
+
+_MODES = ("train", "eval", "test", "infer")
+_SECTION_KEYS = ("dataset", "sampler", "loader")
+_LOADER_KEYS = {"num_workers": int, "use_shared_memory": bool}
+
+
+def _seed_of(*parts):
+    """A 32-bit seed from integers, well mixed (SeedSequence), so nearby inputs differ."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def _seed_globals(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+class _SeededBatches:
+    """Wraps a batch sampler; yields ``[(index, item_seed), ...]`` and forwards ``set_epoch``."""
+
+    def __init__(self, batch_sampler, seed):
+        self.batch_sampler = batch_sampler
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+        if hasattr(self.batch_sampler, "set_epoch"):
+            self.batch_sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        pos = 0
+        for batch in self.batch_sampler:
+            keys = []
+            for idx in batch:
+                keys.append((int(idx), _seed_of(self.seed, self.epoch, pos)))
+                pos += 1
+            yield keys
+
+    def __len__(self):
+        return len(self.batch_sampler)
+
+    def __getattr__(self, name):  # batch_size, drop_last, ... of the wrapped sampler
+        if name == "batch_sampler":
+            raise AttributeError(name)
+        return getattr(self.batch_sampler, name)
+
+
+class _SeededDataset(paddle.io.Dataset):
+    """``ds[(index, item_seed)]`` reseeds the global RNGs, then returns ``dataset[index]``.
+
+    The caller's RNG state is restored afterwards, so loading in the main process does not
+    disturb other users of ``random`` / ``np.random``. Attributes of the wrapped dataset
+    (``labels``, ``class_names``, ``class_counts``) are forwarded.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        if not isinstance(key, tuple):
+            return self.dataset[key]
+        idx, seed = key
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            _seed_globals(seed)
+            return self.dataset[idx]
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+    def __getattr__(self, name):
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+class _WorkerInit:
+    """``worker_init_fn``: seeds each worker from (seed, epoch, worker_id)."""
+
+    def __init__(self, seed):
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def __call__(self, worker_id):
+        _seed_globals(_seed_of(self.seed, self.epoch, worker_id + 1))
+
+
+def _accepted_extras(fn, **candidates):
+    """The subset of ``candidates`` that ``fn``'s signature takes (and is not None)."""
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in candidates.items() if k in params and v is not None}
+
+
+def _build_dataset(cfg, class_num, path):
+    if not isinstance(cfg, dict) or "name" not in cfg:
+        raise ConfigError(path, "needs a mapping with 'name' (e.g. ImageNetDataset) and its keys")
+    cfg = dict(cfg)
+    name = cfg.pop("name")
+    cfg.pop("batch_transform_ops", None)  # applied in the train step (batch_ops.build_batch_op)
+    extras = _accepted_extras(DATASETS.get(name, f"{path}.name"), class_num=class_num)
+    try:
+        return DATASETS.build(name, cfg, path, **extras)
+    except ConfigError as e:
+        if e.path.startswith(path):
+            raise
+        raw = str(e)[len(e.path) + 2:] if e.path else str(e)
+        raise ConfigError(f"{path}.{e.path}", raw) from e  # transform_ops.1.X -> full path
+
+
+def _build_sampler(cfg, dataset, mode, seed, path):
+    cfg = dict(cfg or {})
+    name = cfg.pop("name", "DistributedBatchSampler")
+    if "batch_size" not in cfg:
+        raise ConfigError(path, "missing required key 'batch_size' (per-device batch size)")
+    if name == "DistributedBatchSampler" and "shuffle" not in cfg:
+        cfg["shuffle"] = mode == "train"
+    fn = SAMPLERS.get(name, f"{path}.name")
+    extras = {"dataset": dataset}
+    if "seed" not in cfg:
+        extras.update(_accepted_extras(fn, seed=seed))
+    try:
+        return SAMPLERS.build(name, cfg, path, **extras)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(path, str(e)) from e
+
+
+def _loader_options(cfg, path):
+    cfg = dict(cfg or {})
+    for key, value in cfg.items():
+        if key not in _LOADER_KEYS:
+            raise ConfigError(f"{path}.{key}", f"unknown key; valid keys: {', '.join(_LOADER_KEYS)}")
+        if not isinstance(value, _LOADER_KEYS[key]) or isinstance(value, bool) != (
+                _LOADER_KEYS[key] is bool):
+            raise ConfigError(f"{path}.{key}", f"expected {_LOADER_KEYS[key].__name__}, got {value!r}")
+    workers = cfg.get("num_workers", 0)
+    if workers < 0:
+        raise ConfigError(f"{path}.num_workers", f"must be >= 0, got {workers}")
+    return workers, cfg.get("use_shared_memory", True)
+
+
+def build_dataloader(section: dict, mode: str, *, seed: int = 0, class_num=None,
+                     path: str = "DataLoader.Train") -> paddle.io.DataLoader:
+    """Build the loader for one ``DataLoader.<Mode>`` section.
+
+    ``mode``: train | eval | test | infer (only sets the default ``shuffle`` when the sampler
+    omits it). ``class_num`` (``Arch.class_num``) lets the dataset reject out-of-range labels.
+    Batches are ``(images [N,C,H,W] float32, labels [N] int64, n_skipped [1] int64)``. Call
+    ``set_epoch(loader, epoch)`` before each epoch.
+    """
+    mode = mode.lower()  # accepts the section names "Train"/"Eval" as well
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    if not isinstance(section, dict):
+        raise ConfigError(path, f"expected a mapping with keys {', '.join(_SECTION_KEYS)}")
+    for key in section:
+        if key not in _SECTION_KEYS:
+            raise ConfigError(f"{path}.{key}", f"unknown key; valid keys: {', '.join(_SECTION_KEYS)}")
+    if "dataset" not in section:
+        raise ConfigError(path, "missing required key 'dataset'")
+    dataset = _build_dataset(section["dataset"], class_num, f"{path}.dataset")
+    sampler = _build_sampler(section.get("sampler"), dataset, mode, seed, f"{path}.sampler")
+    workers, shared_mem = _loader_options(section.get("loader"), f"{path}.loader")
+    loader = paddle.io.DataLoader(
+        _SeededDataset(dataset), batch_sampler=_SeededBatches(sampler, seed),
+        collate_fn=collate_skip_none, num_workers=workers, use_shared_memory=shared_mem,
+        worker_init_fn=_WorkerInit(seed), return_list=True)
+    set_epoch(loader, 0)
+    return loader
+
+
+def set_epoch(loader, epoch: int):
+    """Set the sampler's epoch and the augmentation seed base (call before iterating)."""
+    loader.batch_sampler.set_epoch(epoch)
+    init = loader.worker_init_fn
+    if isinstance(init, _WorkerInit):
+        init.epoch = int(epoch)
+        if loader.num_workers == 0:  # no workers: seed this process for the epoch
+            _seed_globals(_seed_of(init.seed, init.epoch, 0))

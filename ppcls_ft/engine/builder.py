@@ -1,0 +1,214 @@
+"""Config -> the objects of a training or evaluation run, top to bottom, like a recipe.
+
+Each builder receives its own section plus explicit cross-section values (``class_num``,
+``epochs``, ``steps_per_epoch``); nothing here mutates the config.
+"""
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import paddle
+
+from ..config import save_config
+from ..data.batch_ops import build_batch_op
+from ..data.loader import build_dataloader
+from ..errors import ConfigError
+from ..losses import build_loss
+from ..metrics import build_metrics
+from ..models import build_model, load_pretrained
+from ..optim import build_lr_scheduler, build_optimizer
+from ..optim.ema import ModelEMA
+from ..utils.device import setup_device
+from ..utils.logger import ScalarWriter, get_logger
+from .strategies import FineTuneStrategy
+
+
+@dataclass
+class RunParts:
+    """Everything a Trainer needs, built from one config."""
+    cfg: dict
+    logger: Any
+    device: str
+    model: Any
+    train_loader: Any = None
+    eval_loader: Any = None
+    train_loss: Any = None
+    eval_loss: Any = None
+    batch_op: Any = None
+    lr_scheduler: Any = None
+    optimizer: Any = None
+    scaler: Any = None
+    amp_level: Optional[str] = None
+    ema: Any = None
+    train_metrics: Any = None
+    eval_metrics: Any = None
+    writer: Any = None
+    strategy: Any = None
+    update_freq: int = 1
+    steps_per_epoch: int = 0
+    extras: dict = field(default_factory=dict)
+
+
+def seed_everything(seed):
+    """Seed Python, numpy and Paddle; the loop re-seeds per epoch from (seed, epoch)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    paddle.seed(seed)
+
+
+def global_cfg(cfg):
+    return cfg.get("Global") or {}
+
+
+def class_num_of(cfg):
+    arch = cfg["Arch"]
+    if "class_num" not in arch:
+        raise ConfigError("Arch.class_num", "must be set (the number of classes in your dataset)")
+    return int(arch["class_num"])
+
+
+def build_model_for(cfg, logger, pretrained_model=None):
+    """Model from ``Arch`` (which loads ``Arch.pretrained``), then ``Global.pretrained_model``."""
+    model = build_model(cfg["Arch"], logger=logger.info)
+    source = pretrained_model if pretrained_model is not None else global_cfg(cfg).get("pretrained_model")
+    if source:
+        strict = bool(cfg["Arch"].get("load_strict", True))
+        report = load_pretrained(model, source, strict=strict, logger=logger.info)
+        logger.info(str(report))
+    return model
+
+
+def amp_settings(cfg, device):
+    """(enabled, level, scaler kwargs). The section's presence turns AMP on, as in PaddleClas."""
+    amp = cfg.get("AMP")
+    if amp is None or not amp.get("use_amp", True):
+        return False, None, {}
+    level = str(amp.get("level", "O1")).upper()
+    if level not in ("O1", "O2"):
+        raise ConfigError("AMP.level", f"must be O1 or O2, got {amp.get('level')!r}")
+    if device != "gpu":
+        raise ConfigError("AMP.use_amp", "mixed precision needs a GPU (fp16 is slower than fp32 on "
+                                         "this CPU path); set AMP.use_amp: False or Global.device: gpu")
+    scaler = {"init_loss_scaling": float(amp.get("scale_loss", 1.0)),
+              "use_dynamic_loss_scaling": bool(amp.get("use_dynamic_loss_scaling", False))}
+    return True, level, scaler
+
+
+def build_eval_parts(cfg, logger=None, pretrained_model=None):
+    """Model + eval loader + eval loss/metrics for ``tools/eval.py``."""
+    glob = global_cfg(cfg)
+    logger = logger or get_logger(None)
+    device, _ = setup_device(glob.get("device", "cpu"), glob.get("cpu_threads"), logger)
+    seed_everything(int(glob.get("seed") or 0))
+    model = build_model_for(cfg, logger, pretrained_model)
+    class_num = class_num_of(cfg)
+    loader = _eval_loader(cfg, class_num, int(glob.get("seed") or 0))
+    if loader is None:
+        raise ConfigError("DataLoader.Eval", "is required to evaluate")
+    return RunParts(cfg=cfg, logger=logger, device=device, model=model, eval_loader=loader,
+                    eval_loss=_loss(cfg, "Eval"), eval_metrics=_metrics(cfg, "Eval"))
+
+
+def _loss(cfg, mode):
+    entries = (cfg.get("Loss") or {}).get(mode)
+    if not entries:
+        if mode == "Train":
+            raise ConfigError("Loss.Train", "is required, e.g. [{CELoss: {weight: 1.0}}]")
+        return None
+    return build_loss(entries, path=f"Loss.{mode}")
+
+
+def _metrics(cfg, mode):
+    entries = (cfg.get("Metric") or {}).get(mode)
+    return build_metrics(entries, path=f"Metric.{mode}") if entries else None
+
+
+def _eval_loader(cfg, class_num, seed):
+    section = (cfg.get("DataLoader") or {}).get("Eval")
+    if section is None:
+        return None
+    return build_dataloader(section, "Eval", seed=seed, class_num=class_num, path="DataLoader.Eval")
+
+
+def build_train_parts(cfg):
+    """Everything for ``tools/train.py``: seed/device, data, model, loss, batch op, lr+optimizer,
+    AMP/EMA, metrics, writer. Resume is done by the Trainer (it owns the loop state)."""
+    glob = global_cfg(cfg)
+    rank = paddle.distributed.get_rank()
+    out_dir = Path(glob.get("output_dir", "./output"))
+    logger = get_logger(out_dir, rank=rank)
+    device, _ = setup_device(glob.get("device", "cpu"), glob.get("cpu_threads"), logger)
+    seed = int(glob.get("seed") or 0)
+    seed_everything(seed)
+    if rank == 0:
+        save_config(cfg, out_dir)
+    class_num = class_num_of(cfg)
+    epochs = int(glob.get("epochs", 1))
+
+    train_section = (cfg.get("DataLoader") or {}).get("Train")
+    if train_section is None:
+        raise ConfigError("DataLoader.Train", "is required to train")
+    train_loader = build_dataloader(train_section, "Train", seed=seed, class_num=class_num,
+                                    path="DataLoader.Train")
+    eval_loader = _eval_loader(cfg, class_num, seed)
+    batch_op = build_batch_op(train_section["dataset"].get("batch_transform_ops"), class_num,
+                              path="DataLoader.Train.dataset.batch_transform_ops")
+
+    model = build_model_for(cfg, logger)
+    strategy = FineTuneStrategy.from_config(cfg.get("FineTune"), model, epochs)
+    train_loss = _with_class_weight(cfg, train_loader, class_num)
+
+    update_freq = int(glob.get("update_freq", 1))
+    if update_freq < 1:
+        raise ConfigError("Global.update_freq", f"must be >= 1, got {update_freq}")
+    steps_per_epoch = len(train_loader) // update_freq
+    if steps_per_epoch < 1:
+        raise ConfigError("Global.update_freq", f"is {update_freq} but an epoch has only "
+                                                f"{len(train_loader)} batches; lower it or the batch size")
+    opt_cfg = cfg.get("Optimizer")
+    if opt_cfg is None:
+        raise ConfigError("Optimizer", "is required to train (e.g. name: Momentum, lr: {name: Cosine, ...})")
+    lr_scheduler = build_lr_scheduler(opt_cfg["lr"], epochs=epochs, steps_per_epoch=steps_per_epoch,
+                                      path="Optimizer.lr")
+    optimizer = build_optimizer(opt_cfg, model, lr_scheduler, path="Optimizer",
+                                layer_decay=strategy.layer_decay)
+
+    use_amp, level, scaler_kw = amp_settings(cfg, device)
+    scaler = paddle.amp.GradScaler(**scaler_kw) if use_amp else None
+    if use_amp and level == "O2":
+        model, optimizer = paddle.amp.decorate(models=model, optimizers=optimizer, level="O2")
+    ema = ModelEMA(model, decay=float(cfg["EMA"].get("decay", 0.9999))) if cfg.get("EMA") is not None else None
+    if paddle.distributed.get_world_size() > 1:
+        paddle.distributed.init_parallel_env()
+        model = paddle.DataParallel(model)
+    writer = ScalarWriter(out_dir / "vdl", enabled=bool(glob.get("use_visualdl", False)), rank=rank)
+    return RunParts(cfg=cfg, logger=logger, device=device, model=model, train_loader=train_loader,
+                    eval_loader=eval_loader, train_loss=train_loss, eval_loss=_loss(cfg, "Eval"),
+                    batch_op=batch_op, lr_scheduler=lr_scheduler, optimizer=optimizer, scaler=scaler,
+                    amp_level=level, ema=ema, train_metrics=_metrics(cfg, "Train"),
+                    eval_metrics=_metrics(cfg, "Eval"), writer=writer, strategy=strategy,
+                    update_freq=update_freq, steps_per_epoch=steps_per_epoch)
+
+
+def _with_class_weight(cfg, train_loader, class_num):
+    """Resolve ``CELoss.class_weight: auto`` to inverse-frequency weights from the train labels."""
+    entries = []
+    for entry in cfg["Loss"]["Train"] if cfg.get("Loss") else []:
+        name, kwargs = next(iter(entry.items()))
+        kwargs = dict(kwargs or {})
+        if kwargs.get("class_weight") == "auto":
+            counts = np.bincount(np.asarray(train_loader.dataset.labels), minlength=class_num)
+            counts = np.maximum(counts, 1).astype("float64")
+            # weight_c = N / (K * n_c): balanced classes get 1.0, rare classes more.
+            kwargs["class_weight"] = (counts.sum() / (class_num * counts)).round(6).tolist()
+        entries.append({name: kwargs})
+    if not entries:
+        return _loss(cfg, "Train")
+    return build_loss(entries, path="Loss.Train")
+
+
+def world_info():
+    return paddle.distributed.get_rank(), paddle.distributed.get_world_size(), os.getpid()

@@ -1,0 +1,234 @@
+"""Export a trained classifier for deployment: ``paddle.jit.save`` + ``inference.yml``.
+
+The exported directory is self-describing, so the served model predicts what the trained model
+predicted (the top PaddleClas complaint is that it does not):
+
+- ``inference.json`` + ``inference.pdiparams`` (Paddle 3 / PIR; a process started with
+  ``FLAGS_enable_pir_api=0`` writes ``inference.pdmodel`` instead and the Predictor reads both);
+  the graph is the model followed by a softmax, input ``x`` of shape ``[None] + image_shape``,
+  as in PaddleClas;
+- ``inference.yml``: model name, class_num, image_shape, the eval preprocessing op list (built at
+  serving time by the same ``build_transforms`` train and eval use), top-k and label names, and
+  the ppcls_ft and paddle versions. Layout follows PaddleClas/PaddleX
+  (``Global`` / ``PreProcess.transform_ops`` / ``PostProcess.Topk``).
+
+Weights are loaded strictly: PaddleClas's export "loads" any file (Paddle's ``set_state_dict`` skips
+missing keys with a warning) and ships random weights.
+"""
+import copy
+from pathlib import Path
+
+import numpy as np
+import paddle
+import yaml
+
+from ..errors import ConfigError, WeightsError
+from ..predictor import INFER_YML, MODEL_FORMATS, read_label_file
+
+# Files a previous export may have left; removed first so a directory never holds two graphs.
+_EXPORT_FILES = ("inference.json", "inference.pdmodel", "inference.pdiparams",
+                 "inference.pdiparams.info", "inference.onnx", INFER_YML)
+_ONNX_HINT = "pip install paddle2onnx onnxruntime"
+
+
+class SoftmaxClassifier(paddle.nn.Layer):
+    """The served graph: logits -> probabilities (PaddleClas exports the same)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return paddle.nn.functional.softmax(self.model(x), axis=-1)
+
+
+def complete_preprocess(ops):
+    """Deploy op list: ``DecodeImage`` first and ``ToCHWImage`` last, so the file is explicit."""
+    ops = [copy.deepcopy(op) if isinstance(op, dict) else {op: None} for op in ops]
+    names = [next(iter(op)) for op in ops]
+    if "DecodeImage" not in names:
+        ops.insert(0, {"DecodeImage": {"to_rgb": True, "channel_first": False}})
+    if "ToCHWImage" not in names:
+        ops.append({"ToCHWImage": None})
+    return ops
+
+
+def eval_preprocess_ops(cfg):
+    """``Infer.transforms`` if given, else ``DataLoader.Eval.dataset.transform_ops`` + ToCHWImage."""
+    infer_ops = (cfg.get("Infer") or {}).get("transforms")
+    if infer_ops:
+        return complete_preprocess(infer_ops)
+    eval_ops = ((((cfg.get("DataLoader") or {}).get("Eval") or {}).get("dataset") or {})
+                .get("transform_ops"))
+    if not eval_ops:
+        raise ConfigError("Infer.transforms", "the export needs the eval preprocessing: set "
+                          "Infer.transforms or DataLoader.Eval.dataset.transform_ops")
+    return complete_preprocess(eval_ops)
+
+
+def label_names_from_config(cfg, class_num):
+    """Label names: ``Infer.PostProcess.class_id_map_file``, else ``label_list.txt`` beside the
+    dataset's ``cls_label_path`` (Eval, then Train), else ``None``."""
+    post = (cfg.get("Infer") or {}).get("PostProcess") or {}
+    if post.get("class_id_map_file"):
+        return read_label_file(post["class_id_map_file"], class_num,
+                               "Infer.PostProcess.class_id_map_file")
+    for mode in ("Eval", "Train"):
+        dataset = (((cfg.get("DataLoader") or {}).get(mode) or {}).get("dataset") or {})
+        if dataset.get("cls_label_path"):
+            candidate = Path(dataset["cls_label_path"]).parent / "label_list.txt"
+            if candidate.is_file():
+                return read_label_file(candidate, class_num,
+                                       f"DataLoader.{mode}.dataset.cls_label_path")
+    return None
+
+
+def _written_model_file(save_dir):
+    for model_name, params_name in MODEL_FORMATS:
+        if (save_dir / model_name).is_file() and (save_dir / params_name).is_file():
+            return save_dir / model_name, save_dir / params_name
+    raise RuntimeError(f"paddle.jit.save wrote neither inference.json nor inference.pdmodel in {save_dir}")
+
+
+def export_dygraph(model, save_dir, image_shape, preprocess_ops, label_names=None, *,
+                   model_name=None, topk=5, export_onnx=False):
+    """Save ``model`` (a dygraph Layer) + softmax as an inference model in ``save_dir``.
+
+    ``preprocess_ops`` is the eval op list (YAML form); ``label_names`` a list indexed by class id
+    or ``None``. Returns the directory. The model's train/eval mode is restored afterwards, so the
+    trainer can export mid-training.
+    """
+    image_shape = [int(v) for v in image_shape]
+    if len(image_shape) != 3:
+        raise ConfigError("Global.image_shape", f"must be [C, H, W], got {image_shape}")
+    class_num = getattr(model, "class_num", None)
+    if label_names is not None and class_num is not None and len(label_names) != class_num:
+        raise ValueError(f"{len(label_names)} label names for a model with class_num={class_num}; "
+                         "pass one name per class")
+    if export_onnx:
+        _require_onnx_tools()
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    for name in _EXPORT_FILES:
+        (save_dir / name).unlink(missing_ok=True)
+
+    was_training = model.training
+    model.eval()
+    try:
+        net = SoftmaxClassifier(model)
+        net.eval()
+        spec = paddle.static.InputSpec([None] + image_shape, "float32", name="x")
+        static_net = paddle.jit.to_static(net, input_spec=[spec], full_graph=True)
+        paddle.jit.save(static_net, str(save_dir / "inference"))
+    finally:
+        if was_training:
+            model.train()
+
+    model_file, params_file = _written_model_file(save_dir)
+    info = {
+        "Global": {"model_name": model_name or type(model).__name__, "class_num": class_num,
+                   "image_shape": image_shape, "input_name": "x", "output": "softmax probabilities",
+                   "model_file": model_file.name, "params_file": params_file.name,
+                   "ppcls_ft_version": _ppcls_ft_version(), "paddle_version": paddle.__version__},
+        "PreProcess": {"transform_ops": complete_preprocess(preprocess_ops)},
+        "PostProcess": {"Topk": {"topk": int(topk),
+                                 "label_list": list(label_names) if label_names is not None else None}},
+    }
+    _write_info(save_dir, info)
+    if export_onnx:
+        info["Global"]["onnx_file"] = "inference.onnx"
+        info["Global"]["onnx_max_abs_diff"] = export_onnx_model(save_dir, image_shape)
+        _write_info(save_dir, info)
+    return save_dir
+
+
+def _write_info(save_dir, info):
+    with open(save_dir / INFER_YML, "w", encoding="utf-8") as f:
+        yaml.safe_dump(info, f, sort_keys=False, allow_unicode=True)
+
+
+def export_inference_model(cfg, save_dir=None, allow_random=False):
+    """Build ``cfg["Arch"]``, load ``Global.pretrained_model`` strictly, export; returns the directory.
+
+    ``allow_random=True`` exports untrained weights when no ``pretrained_model`` is set (for speed
+    tests); otherwise a missing ``pretrained_model`` is an error.
+    """
+    from ..models import build_model, load_pretrained
+
+    glob = cfg.get("Global") or {}
+    arch = cfg.get("Arch") or {}
+    if not arch.get("name"):
+        raise ConfigError("Arch.name", "the export needs the model name, e.g. Arch.name: PPLCNet_x1_0")
+    save_dir = Path(save_dir or glob.get("save_inference_dir") or "./inference")
+    export_onnx = bool(glob.get("export_onnx", False))
+    if export_onnx:  # fail before the slow part
+        _require_onnx_tools()
+    source = glob.get("pretrained_model")
+    if not source and not allow_random:
+        raise ConfigError("Global.pretrained_model", "set it to the trained weights to export "
+                          "(e.g. -o Global.pretrained_model=output/best_model); exporting random "
+                          "weights needs allow_random=True")
+    # The trained weights replace everything, so Arch.pretrained (an ImageNet download) is skipped.
+    model = build_model(arch, load_weights=False)
+    if source:
+        report = load_pretrained(model, source, strict=True)
+        # load_pretrained re-initialises a classifier of another class count (right for fine-tuning);
+        # exporting a random head would ship a model that predicts nothing it was trained on.
+        if report.head_reinitialised is not None:
+            raise WeightsError(f"{report.path}: its classifier does not fit Arch.class_num="
+                               f"{report.head_reinitialised}; set Arch.class_num to the class count "
+                               "the weights were trained with")
+    image_shape = glob.get("image_shape") or [3, 224, 224]
+    class_num = getattr(model, "class_num", arch.get("class_num"))
+    post = (cfg.get("Infer") or {}).get("PostProcess") or {}
+    return export_dygraph(model, save_dir, image_shape, eval_preprocess_ops(cfg),
+                          label_names_from_config(cfg, class_num), model_name=arch["name"],
+                          topk=post.get("topk", 5), export_onnx=export_onnx)
+
+
+def _require_onnx_tools():
+    missing = []
+    for module in ("paddle2onnx", "onnxruntime"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise ConfigError("Global.export_onnx", f"ONNX export needs {' and '.join(missing)}, which "
+                          f"{'is' if len(missing) == 1 else 'are'} not installed: run `{_ONNX_HINT}`, "
+                          "or set Global.export_onnx=False")
+
+
+def export_onnx_model(save_dir, image_shape, opset_version=11, atol=1e-4):
+    """Convert the exported model to ``inference.onnx`` and check onnxruntime against paddle-inference.
+
+    Returns the max absolute difference of the probabilities on a random batch of 2; raises when it
+    exceeds ``atol`` (an ONNX file that disagrees with the Paddle model must not ship silently).
+    """
+    _require_onnx_tools()
+    import onnxruntime
+    import paddle2onnx
+
+    from ..predictor import Predictor
+
+    save_dir = Path(save_dir)
+    model_file, params_file = _written_model_file(save_dir)
+    onnx_file = save_dir / "inference.onnx"
+    # opset 11 covers every op of the four families; paddle2onnx raises it itself when needed.
+    paddle2onnx.export(str(model_file), str(params_file), save_file=str(onnx_file),
+                       opset_version=opset_version)
+    x = np.random.default_rng(0).standard_normal([2] + list(image_shape)).astype(np.float32)
+    session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    onnx_probs = session.run(None, {session.get_inputs()[0].name: x})[0]
+    paddle_probs = Predictor(save_dir, enable_mkldnn=False).predict_arrays(x)
+    diff = float(np.abs(onnx_probs - paddle_probs).max())
+    if diff > atol:
+        raise RuntimeError(f"{onnx_file}: onnxruntime differs from paddle-inference by {diff:.2e} "
+                           f"(> {atol}); do not deploy this ONNX file (try another opset_version)")
+    return diff
+
+
+def _ppcls_ft_version():
+    from .. import __version__
+
+    return __version__

@@ -1,0 +1,123 @@
+"""Blocks shared by the CNN families (ResNet, PPLCNet) and the argument checks they all need.
+
+* ``ConvBNAct``: conv (no bias) -> batch norm -> optional activation, with the sub-layer names
+  ``conv`` / ``bn`` that both PaddleClas ResNet and PPLCNet use, so state_dict keys match
+  (``stem.0.conv.weight``, ``blocks2.0.dw_conv.bn._mean``, ...).
+* ``lr_attr``: the ``ParamAttr`` PaddleClas builds for ``lr_mult_list`` (Paddle optimizers multiply
+  the step by ``param.optimize_attr['learning_rate']``, so 0 freezes a parameter's update).
+* ``DropPath``: stochastic depth, for any family with residual branches (Swin uses it).
+* ``check_lr_mult_list`` / ``check_stride_list``: validation that names ``Arch.<key>``.
+
+MobileNetV2 keeps its own conv block because its PaddleClas keys are ``_conv`` / ``_batch_norm``.
+"""
+from typing import Optional
+
+import paddle
+import paddle.nn as nn
+from paddle import ParamAttr
+from paddle.nn.initializer import KaimingNormal
+from paddle.regularizer import L2Decay
+
+from ..errors import ConfigError
+
+_ACTIVATIONS = {"relu": nn.ReLU, "hardswish": nn.Hardswish, "relu6": nn.ReLU6}
+
+
+def lr_attr(lr_mult: float = 1.0, no_decay: bool = False, initializer=None) -> ParamAttr:
+    """ParamAttr with a learning-rate multiplier; ``no_decay`` pins L2 decay to 0 for this parameter
+    (a parameter-level regularizer overrides the optimizer's, as in PaddleClas PPLCNet batch norm)."""
+    return ParamAttr(learning_rate=float(lr_mult), initializer=initializer,
+                     regularizer=L2Decay(0.0) if no_decay else None)
+
+
+class ConvBNAct(nn.Layer):
+    """``conv`` (bias-free) -> ``bn`` -> activation (``"relu"``, ``"hardswish"``, ``"relu6"`` or None).
+
+    ``padding`` is ``(kernel_size - 1) // 2``; ``stride`` may be an int or ``[sh, sw]`` (PPLCNet
+    text-line models use ``[2, 1]``). ``bn_no_decay`` marks the batch-norm scale/shift as carrying
+    no weight decay; ``kaiming_init`` uses KaimingNormal for the conv (PPLCNet).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride=1,
+                 groups: int = 1, act: Optional[str] = None, lr_mult: float = 1.0,
+                 bn_no_decay: bool = False, kaiming_init: bool = False,
+                 data_format: str = "NCHW"):
+        super().__init__()
+        if act is not None and act not in _ACTIVATIONS:
+            raise ValueError(f"act must be one of {sorted(_ACTIVATIONS)} or None, got {act!r}")
+        init = KaimingNormal() if kaiming_init else None
+        self.conv = nn.Conv2D(in_channels, out_channels, kernel_size, stride=stride,
+                              padding=(kernel_size - 1) // 2, groups=groups,
+                              weight_attr=lr_attr(lr_mult, initializer=init), bias_attr=False,
+                              data_format=data_format)
+        self.bn = nn.BatchNorm2D(out_channels, weight_attr=lr_attr(lr_mult, bn_no_decay),
+                                 bias_attr=lr_attr(lr_mult, bn_no_decay), data_format=data_format)
+        self.act = _ACTIVATIONS[act]() if act else None
+
+    def forward(self, x):
+        x = self.bn(self.conv(x))
+        return self.act(x) if self.act is not None else x
+
+
+class DropPath(nn.Layer):
+    """Stochastic depth: zero a whole sample's residual branch with probability ``drop_prob`` in
+    training and rescale the kept ones by ``1 / (1 - drop_prob)``; identity in eval."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = float(drop_prob)
+
+    def forward(self, x):
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        shape = [x.shape[0]] + [1] * (x.ndim - 1)  # one draw per sample
+        mask = paddle.floor(keep + paddle.rand(shape, dtype=x.dtype))
+        return x / keep * mask
+
+    def extra_repr(self):
+        return f"drop_prob={self.drop_prob}"
+
+
+def check_lr_mult_list(value, length: int, path: str = "Arch.lr_mult_list") -> tuple:
+    """Return ``value`` (or ``length`` ones when None) as a tuple of floats; raise ConfigError when
+    it is not a list of ``length`` non-negative numbers."""
+    if value is None:
+        return (1.0,) * length
+    if not isinstance(value, (list, tuple)) or len(value) != length:
+        raise ConfigError(path, f"must be a list of {length} learning-rate multipliers "
+                                f"(one per stage, 0 freezes a stage), got {value!r}")
+    out = []
+    for i, v in enumerate(value):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise ConfigError(f"{path}.{i}", f"must be a number >= 0, got {v!r}")
+        out.append(float(v))
+    return tuple(out)
+
+
+def check_stride_list(value, length: int, default: int = 2, allow_pairs: bool = False,
+                      path: str = "Arch.stride_list") -> tuple:
+    """Return ``value`` (or ``length`` times ``default``) as a tuple of strides; each stride is a
+    positive int, or with ``allow_pairs`` also ``[stride_h, stride_w]``."""
+    if value is None:
+        return (default,) * length
+    if not isinstance(value, (list, tuple)) or len(value) != length:
+        raise ConfigError(path, f"must be a list of {length} strides, got {value!r}")
+    out = []
+    for i, s in enumerate(value):
+        pair = isinstance(s, (list, tuple))
+        items = list(s) if pair else [s]
+        ok = (not pair or (allow_pairs and len(items) == 2)) and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in items)
+        if not ok:
+            kinds = "a positive int or [stride_h, stride_w]" if allow_pairs else "a positive int"
+            raise ConfigError(f"{path}.{i}", f"must be {kinds}, got {s!r}")
+        out.append(tuple(items) if pair else s)
+    return tuple(out)
+
+
+def check_class_num(class_num, path: str = "Arch.class_num") -> int:
+    """A classifier needs at least one output."""
+    if isinstance(class_num, bool) or not isinstance(class_num, int) or class_num < 1:
+        raise ConfigError(path, f"must be a positive int (number of classes), got {class_num!r}")
+    return class_num

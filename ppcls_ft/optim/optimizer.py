@@ -1,0 +1,330 @@
+"""Optimizers of the PaddleClas YAML (``Optimizer``): Momentum, SGD, Adam, AdamW, RMSProp.
+
+Each registered class is a small recipe: its constructor holds the validated YAML keys, and
+``build(model, lr_scheduler, layer_decay)`` returns a ``paddle.optimizer`` built over **parameter
+groups**. A group is a set of parameters with the same (decay rule, lr multiplier):
+
+- Decay. ``regularizer: {name: L2|L1, coeff}`` (or a float ``weight_decay``) is *coupled* decay
+  (Momentum/SGD/Adam/RMSProp); AdamW's ``weight_decay`` is decoupled and is switched off per
+  parameter with ``apply_decay_param_fun``. ``no_weight_decay_name`` (space-separated substrings of
+  the structured names of ``model.named_parameters()``, e.g. ``layers.0.blocks.0.norm1.weight``)
+  and ``one_dim_param_no_weight_decay`` (every 1-D tensor: biases, norm scales) exempt parameters.
+  A regularizer the model itself declared through ``ParamAttr`` (PPLCNet's batch norms carry
+  ``L2Decay(0.0)``) wins over the optimizer's, as in PaddleClas.
+- Learning rate. The lr multiplier a model sets in ``param.optimize_attr['learning_rate']``
+  (PaddleClas ``lr_mult_list``) is multiplied by the layer-wise decay factor
+  ``layer_decay ** (model.num_layer_ids - 1 - model.layer_id(name))`` (our fine-tuning extension)
+  and given to Paddle as the group's ``learning_rate``. Paddle writes that value back into
+  ``optimize_attr``, so the model's own multiplier is remembered on the parameter the first time
+  (``_ppcls_ft_lr_mult``) and rebuilding an optimizer never compounds it.
+
+Frozen parameters (``stop_gradient=True``) are still handed to the optimizer: Paddle skips
+parameters without a gradient in ``step()``, so a later unfreeze only has to flip
+``stop_gradient`` (tests/test_optimizer.py checks this). Batch-norm running statistics, which
+Paddle also stores as parameters, are left out: they are never optimised, even if a strategy
+flips their ``stop_gradient``.
+
+``clip_norm`` clips the *global* gradient norm (``paddle.nn.ClipGradByGlobalNorm``), as the
+recipes we follow (Swin, timm) mean it. Differs from PaddleClas: there ``clip_norm`` clips each
+tensor separately (``ClipGradByNorm``) and ``clip_norm_global`` clips the global norm; we accept
+``clip_norm_global`` as a synonym so those configs build unchanged.
+"""
+import logging
+from collections import OrderedDict
+from typing import Optional, Union
+
+import paddle
+from paddle.optimizer.lr import LRScheduler
+
+from ..errors import ConfigError
+from ..registry import OPTIMIZERS
+from .ema import running_stat_names
+
+_LOG = logging.getLogger("ppcls_ft")
+_NO_DECAY = "no-decay"  # group key for exempt parameters
+
+
+def _base_attrs(param):
+    """The model's own (lr multiplier, regularizer) of ``param``, recorded before we change them."""
+    if not hasattr(param, "_ppcls_ft_lr_mult"):
+        param._ppcls_ft_lr_mult = float((param.optimize_attr or {}).get("learning_rate", 1.0))
+        param._ppcls_ft_regularizer = getattr(param, "regularizer", None)
+    return param._ppcls_ft_lr_mult, param._ppcls_ft_regularizer
+
+
+def _make_regularizer(regularizer, weight_decay, path):
+    """YAML ``regularizer``/``weight_decay`` -> ``paddle.regularizer`` object or None."""
+    if regularizer is not None and weight_decay is not None:
+        raise ConfigError(path, "set either regularizer: {name: L2, coeff: ...} or weight_decay, not both")
+    if weight_decay is not None:
+        if weight_decay < 0:
+            raise ConfigError(f"{path}.weight_decay", f"must be >= 0, got {weight_decay}")
+        return paddle.regularizer.L2Decay(float(weight_decay))
+    if regularizer is None:
+        return None
+    extra = set(regularizer) - {"name", "coeff"}
+    if extra:
+        raise ConfigError(f"{path}.regularizer", f"unknown keys {sorted(extra)}; valid keys: name, coeff")
+    kind = str(regularizer.get("name", "")).strip()
+    coeff = regularizer.get("coeff", 0.0)
+    if not isinstance(coeff, (int, float)) or isinstance(coeff, bool) or coeff < 0:
+        raise ConfigError(f"{path}.regularizer.coeff", f"must be a number >= 0, got {coeff!r}")
+    if kind in ("L2", "L2Decay"):
+        return paddle.regularizer.L2Decay(float(coeff))
+    if kind in ("L1", "L1Decay"):
+        return paddle.regularizer.L1Decay(float(coeff))
+    raise ConfigError(f"{path}.regularizer.name", f"must be L2 or L1, got {kind!r}")
+
+
+class OptimizerRecipe:
+    """Shared part of every registered optimizer: decay exemptions, lr multipliers, clipping."""
+
+    decoupled_decay = False  # True for AdamW: decay handled by apply_decay_param_fun
+
+    def _common(self, no_weight_decay_name, one_dim_param_no_weight_decay, clip_norm,
+                clip_norm_global, multi_precision, regularizer=None, weight_decay=None):
+        if clip_norm is not None and clip_norm_global is not None:
+            raise ConfigError("clip_norm_global", "both clip_norm and clip_norm_global are set; both "
+                                                  "clip the global norm here, keep one")
+        clip_norm = clip_norm if clip_norm is not None else clip_norm_global
+        if clip_norm is not None and clip_norm <= 0:
+            raise ConfigError("clip_norm", f"must be > 0 (global gradient norm), got {clip_norm}")
+        self.no_decay_names = str(no_weight_decay_name or "").split()
+        self.one_dim_no_decay = bool(one_dim_param_no_weight_decay)
+        self.clip_norm = clip_norm
+        self.multi_precision = bool(multi_precision)
+        self._reg_cfg = (regularizer, weight_decay)
+
+    def is_exempt(self, name, param):
+        """True when ``param`` (structured ``name``) must not be decayed."""
+        if any(sub in name for sub in self.no_decay_names):  # PaddleClas: substring match
+            return True
+        return self.one_dim_no_decay and len(param.shape) == 1
+
+    def param_groups(self, model, layer_decay=None, path="Optimizer"):
+        """List of Paddle parameter-group dicts (``params``, ``learning_rate``[, ``weight_decay``])."""
+        reg = None if self.decoupled_decay else _make_regularizer(*self._reg_cfg, path)
+        groups = OrderedDict()
+        self.decay_param_names = set()  # Paddle unique names (param.name) that get decay
+        stats = running_stat_names(model)  # BN _mean/_variance are Paddle parameters; never optimise
+        for name, param in model.named_parameters():
+            if name in stats:
+                continue
+            mult, own_reg = _base_attrs(param)
+            if layer_decay is not None:
+                mult *= layer_decay ** (model.num_layer_ids - 1 - model.layer_id(name))
+            exempt = self.is_exempt(name, param)
+            if not exempt:
+                self.decay_param_names.add(param.name)
+            if self.decoupled_decay:
+                param.regularizer = own_reg  # undo what an earlier coupled build may have set
+                key = (None, mult)
+            elif exempt:  # the user's exemption wins over any regularizer
+                key = (_NO_DECAY, mult)
+            else:
+                key = (own_reg if own_reg is not None else reg, mult)
+            groups.setdefault(key, []).append(param)
+        out = []
+        for (decay, mult), params in groups.items():
+            group = {"params": params, "learning_rate": float(mult)}
+            if not self.decoupled_decay:
+                # 0.0 = L2Decay(0): an explicit "no decay" that also overrides a ParamAttr regularizer
+                group["weight_decay"] = 0.0 if decay is _NO_DECAY else decay
+            out.append(group)
+        return out
+
+    def grad_clip(self):
+        return None if self.clip_norm is None else paddle.nn.ClipGradByGlobalNorm(float(self.clip_norm))
+
+    def make(self, groups, lr):
+        """Construct the paddle optimizer from ready groups (subclasses)."""
+        raise NotImplementedError
+
+    def build(self, model, lr_scheduler, layer_decay=None, path="Optimizer"):
+        groups = self.param_groups(model, layer_decay, path)
+        if not groups:
+            raise ConfigError(path, "the model has no parameters to optimise")
+        return self.make(groups, lr_scheduler)
+
+
+@OPTIMIZERS.register
+class Momentum(OptimizerRecipe):
+    """SGD with (Nesterov) momentum and coupled L2/L1 decay.
+
+    YAML: ``Optimizer: {name: Momentum, momentum: 0.9, use_nesterov: false,
+    regularizer: {name: L2, coeff: 1e-4}, no_weight_decay_name: "bn", clip_norm: null}``.
+    """
+
+    def __init__(self, momentum: float = 0.9, use_nesterov: bool = False,
+                 regularizer: Optional[dict] = None, weight_decay: Optional[float] = None,
+                 no_weight_decay_name: Optional[str] = None,
+                 one_dim_param_no_weight_decay: bool = False, clip_norm: Optional[float] = None,
+                 clip_norm_global: Optional[float] = None,
+                 multi_precision: bool = False):
+        self._common(no_weight_decay_name, one_dim_param_no_weight_decay, clip_norm, clip_norm_global,
+                     multi_precision, regularizer, weight_decay)
+        self.momentum = float(momentum)
+        self.use_nesterov = bool(use_nesterov)
+
+    def make(self, groups, lr):
+        return paddle.optimizer.Momentum(
+            learning_rate=lr, momentum=self.momentum, parameters=groups,
+            use_nesterov=self.use_nesterov, weight_decay=None, grad_clip=self.grad_clip(),
+            multi_precision=self.multi_precision)
+
+
+@OPTIMIZERS.register
+class SGD(OptimizerRecipe):
+    """Plain SGD with coupled decay.
+
+    YAML: ``Optimizer: {name: SGD, regularizer: {name: L2, coeff: 1e-4}}``.
+    """
+
+    def __init__(self, regularizer: Optional[dict] = None, weight_decay: Optional[float] = None,
+                 no_weight_decay_name: Optional[str] = None,
+                 one_dim_param_no_weight_decay: bool = False, clip_norm: Optional[float] = None,
+                 clip_norm_global: Optional[float] = None,
+                 multi_precision: bool = False):
+        self._common(no_weight_decay_name, one_dim_param_no_weight_decay, clip_norm, clip_norm_global,
+                     multi_precision, regularizer, weight_decay)
+
+    def make(self, groups, lr):
+        return paddle.optimizer.SGD(learning_rate=lr, parameters=groups, weight_decay=None,
+                                    grad_clip=self.grad_clip(), multi_precision=self.multi_precision)
+
+
+@OPTIMIZERS.register
+class Adam(OptimizerRecipe):
+    """Adam with coupled L2 (``weight_decay`` float or ``regularizer``), as PaddleClas's Adam.
+
+    YAML: ``Optimizer: {name: Adam, beta1: 0.9, beta2: 0.999, epsilon: 1e-8, weight_decay: 1e-4}``.
+    """
+
+    def __init__(self, beta1: float = 0.9, beta2: float = 0.999, epsilon: float = 1e-8,
+                 weight_decay: Optional[float] = None, regularizer: Optional[dict] = None,
+                 no_weight_decay_name: Optional[str] = None,
+                 one_dim_param_no_weight_decay: bool = False, clip_norm: Optional[float] = None,
+                 clip_norm_global: Optional[float] = None,
+                 lazy_mode: bool = False, amsgrad: bool = False, multi_precision: bool = False):
+        self._common(no_weight_decay_name, one_dim_param_no_weight_decay, clip_norm, clip_norm_global,
+                     multi_precision, regularizer, weight_decay)
+        self.betas = (float(beta1), float(beta2))
+        self.epsilon = float(epsilon)
+        self.lazy_mode = bool(lazy_mode)
+        self.amsgrad = bool(amsgrad)
+
+    def make(self, groups, lr):
+        return paddle.optimizer.Adam(
+            learning_rate=lr, beta1=self.betas[0], beta2=self.betas[1], epsilon=self.epsilon,
+            parameters=groups, weight_decay=None, grad_clip=self.grad_clip(),
+            lazy_mode=self.lazy_mode, multi_precision=self.multi_precision, amsgrad=self.amsgrad)
+
+
+@OPTIMIZERS.register
+class AdamW(OptimizerRecipe):
+    """Adam with decoupled weight decay (Loshchilov & Hutter); exemptions via apply_decay_param_fun.
+
+    YAML: ``Optimizer: {name: AdamW, beta1: 0.9, beta2: 0.999, epsilon: 1e-8, weight_decay: 0.05,
+    no_weight_decay_name: "absolute_pos_embed relative_position_bias_table .bias norm",
+    one_dim_param_no_weight_decay: true, clip_norm: 5.0}``.
+    """
+
+    decoupled_decay = True
+
+    def __init__(self, beta1: float = 0.9, beta2: float = 0.999, epsilon: float = 1e-8,
+                 weight_decay: float = 0.0, no_weight_decay_name: Optional[str] = None,
+                 one_dim_param_no_weight_decay: bool = False, clip_norm: Optional[float] = None,
+                 clip_norm_global: Optional[float] = None,
+                 amsgrad: bool = False, multi_precision: bool = False):
+        if weight_decay < 0:
+            raise ConfigError("weight_decay", f"must be >= 0, got {weight_decay}")
+        self._common(no_weight_decay_name, one_dim_param_no_weight_decay, clip_norm, clip_norm_global,
+                     multi_precision)
+        self.betas = (float(beta1), float(beta2))
+        self.epsilon = float(epsilon)
+        self.weight_decay = float(weight_decay)
+        self.amsgrad = bool(amsgrad)
+
+    def make(self, groups, lr):
+        decay_names = frozenset(self.decay_param_names)  # snapshot: Paddle calls this per step
+        return paddle.optimizer.AdamW(
+            learning_rate=lr, beta1=self.betas[0], beta2=self.betas[1], epsilon=self.epsilon,
+            parameters=groups, weight_decay=self.weight_decay,
+            apply_decay_param_fun=lambda pname: pname in decay_names,
+            grad_clip=self.grad_clip(), multi_precision=self.multi_precision, amsgrad=self.amsgrad)
+
+
+@OPTIMIZERS.register
+class RMSProp(OptimizerRecipe):
+    """RMSProp with coupled decay.
+
+    YAML: ``Optimizer: {name: RMSProp, rho: 0.95, momentum: 0.0, epsilon: 1e-6,
+    regularizer: {name: L2, coeff: 1e-5}}``.
+    """
+
+    def __init__(self, rho: float = 0.95, momentum: float = 0.0, epsilon: float = 1e-6,
+                 centered: bool = False, regularizer: Optional[dict] = None,
+                 weight_decay: Optional[float] = None, no_weight_decay_name: Optional[str] = None,
+                 one_dim_param_no_weight_decay: bool = False, clip_norm: Optional[float] = None,
+                 clip_norm_global: Optional[float] = None,
+                 multi_precision: bool = False):
+        self._common(no_weight_decay_name, one_dim_param_no_weight_decay, clip_norm, clip_norm_global,
+                     multi_precision, regularizer, weight_decay)
+        self.rho = float(rho)
+        self.momentum = float(momentum)
+        self.epsilon = float(epsilon)
+        self.centered = bool(centered)
+
+    def make(self, groups, lr):
+        if self.multi_precision:
+            _LOG.info("Optimizer.multi_precision: Paddle's RMSProp has no master weights; ignored")
+        return paddle.optimizer.RMSProp(
+            learning_rate=lr, rho=self.rho, epsilon=self.epsilon, momentum=self.momentum,
+            centered=self.centered, parameters=groups, weight_decay=None,
+            grad_clip=self.grad_clip())
+
+
+def _check_layer_decay(model, layer_decay, path):
+    if layer_decay is None:
+        return None
+    if isinstance(layer_decay, bool) or not isinstance(layer_decay, (int, float)) \
+            or not 0 < layer_decay <= 1:
+        raise ConfigError(f"{path}.layer_decay", f"must be a number in (0, 1], got {layer_decay!r}")
+    if not (hasattr(model, "layer_id") and hasattr(model, "num_layer_ids")):
+        raise ConfigError(f"{path}.layer_decay", f"{type(model).__name__} has no layer_id()/"
+                                                 "num_layer_ids; remove layer_decay for this model")
+    return float(layer_decay)
+
+
+def _reroot(err, path):
+    """A recipe's ConfigError names a key of the section; prefix it with the section path."""
+    msg = str(err)
+    if err.path and msg.startswith(f"{err.path}: "):
+        msg = msg[len(err.path) + 2:]
+    return ConfigError(f"{path}.{err.path}" if err.path else path, msg)
+
+
+def build_optimizer(opt_cfg: dict, model, lr_scheduler: Union[LRScheduler, float], *,
+                    path: str = "Optimizer", layer_decay: Optional[float] = None):
+    """Build ``Optimizer`` over ``model``'s parameters, driven by ``lr_scheduler``.
+
+    The ``lr`` key is the caller's (see ``build_lr_scheduler``) and is ignored here.
+    ``layer_decay`` may also be written as ``Optimizer.layer_decay``.
+    """
+    if not isinstance(opt_cfg, dict) or "name" not in opt_cfg:
+        raise ConfigError(path, "must be a mapping with a 'name' (e.g. {name: Momentum, momentum: 0.9}); "
+                                f"choices: {', '.join(OPTIMIZERS.names())}")
+    kwargs = {k: v for k, v in opt_cfg.items() if k not in ("name", "lr", "layer_decay")}
+    if opt_cfg.get("layer_decay") is not None:
+        if layer_decay is not None and layer_decay != opt_cfg["layer_decay"]:
+            raise ConfigError(f"{path}.layer_decay", f"{opt_cfg['layer_decay']} conflicts with the "
+                                                     f"layer_decay={layer_decay} passed by the caller")
+        layer_decay = opt_cfg["layer_decay"]
+    layer_decay = _check_layer_decay(model, layer_decay, path)
+    try:
+        recipe = OPTIMIZERS.build(opt_cfg["name"], kwargs, path)
+        return recipe.build(model, lr_scheduler, layer_decay, path)
+    except ConfigError as err:
+        if str(err.path).startswith(path):
+            raise
+        raise _reroot(err, path) from None

@@ -1,0 +1,30 @@
+"""ppcls_ft: fine-tune pretrained PaddleClas image classifiers (pip install -e .[cpu])."""
+from setuptools import find_packages, setup
+
+setup(
+    name="ppcls_ft",
+    version="0.1.0",
+    description="Fine-tune pretrained PaddleClas image classifiers: PaddleClas configs and weights, "
+                "correct loading, fast CPU paths, export for paddle-inference",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ppcls_ft", "ppcls_ft.*"]),
+    include_package_data=True,
+    install_requires=[
+        "numpy>=1.23",
+        "pyyaml>=6.0",
+        "opencv-python-headless>=4.6",
+        "Pillow>=9.0",
+        "visualdl>=2.5",
+    ],
+    # Paddle is an extra so a GPU user is not forced onto the CPU wheel:
+    #   pip install -e .[cpu]   or   pip install -e .[gpu] (paddlepaddle-gpu from Paddle's index)
+    extras_require={
+        "cpu": ["paddlepaddle==3.3.1"],
+        "gpu": ["paddlepaddle-gpu==3.3.1"],
+        "onnx": ["paddle2onnx>=1.2", "onnxruntime>=1.16"],
+        "test": ["pytest>=7"],
+        "bench": ["matplotlib>=3.5"],
+    },
+)

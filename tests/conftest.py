@@ -1,0 +1,47 @@
+"""Shared fixtures: the ../shared assets (skipped with a reason when absent) and tiny datasets."""
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_dir():
+    return Path(os.environ.get("PPCLS_FT_SHARED", REPO.parent / "shared")).resolve()
+
+
+@pytest.fixture(scope="session")
+def shared():
+    """Path to ../shared (PPCLS_FT_SHARED); skips the test when it is not there."""
+    path = shared_dir()
+    if not (path / "README.md").is_file():
+        pytest.skip(f"shared assets not found at {path} (set PPCLS_FT_SHARED)")
+    return path
+
+
+def write_tiny_dataset(root, classes=3, per_class=4, size=(40, 48), seed=0):
+    """Write a PaddleClas-format dataset of small JPEGs; returns (root, train_list, label_list)."""
+    import cv2
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    lines = []
+    for c in range(classes):
+        (root / "images" / f"c{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = np.zeros((size[0], size[1], 3), np.uint8)
+            img[..., c % 3] = 200  # each class has its own dominant colour
+            img = np.clip(img + rng.integers(0, 40, img.shape), 0, 255).astype(np.uint8)
+            rel = f"images/c{c}/{i}.jpg"
+            cv2.imwrite(str(root / rel), img)
+            lines.append(f"{rel} {c}")
+    (root / "train_list.txt").write_text("\n".join(lines) + "\n")
+    (root / "label_list.txt").write_text("".join(f"{c} class{c}\n" for c in range(classes)))
+    return root, root / "train_list.txt", root / "label_list.txt"
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path):
+    return write_tiny_dataset(tmp_path / "data")

@@ -1,0 +1,11 @@
+"""Evaluate weights: python tools/eval.py -c CONFIG -o Global.pretrained_model=output/best_model"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
+
+from ppcls_ft.engine.cli import run_cli  # noqa: E402
+
+if __name__ == "__main__":
+    from ppcls_ft.engine.run import evaluate_config
+    run_cli(__doc__, evaluate_config)
