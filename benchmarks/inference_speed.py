@@ -85,6 +85,8 @@ def markdown(rows, args, threads):
         f"({platform.processor() or platform.machine()}, {cpu_simd()}), {threads} threads, "
         f"paddle {paddle.__version__}, input {args.image_size}x{args.image_size}, random weights, "
         f"{args.warmup} warm-up + {args.iters} timed iterations, preprocessing excluded.", "",
+        *(["**Smoke run**: too few iterations for reliable numbers; rerun with the defaults.", ""]
+          if args.iters < 10 else []),
         "| model | batch | paddle-inference oneDNN | paddle-inference no oneDNN | dygraph eval "
         "| oneDNN / dygraph |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",

@@ -251,3 +251,17 @@ def test_deploy_script_runs_from_another_directory(shared, mobilenet_export, tmp
     saved = json.loads(save.read_text())
     assert len(saved) == 4 and all(len(r["class_ids"]) == 2 for r in saved)
     assert {Path(r["file_name"]).name for r in saved} == {Path(p).name for p in real_images(shared)}
+
+
+def test_deploy_config_rejects_typos_and_reads_overrides(tmp_path):
+    from ppcls_ft.predictor import list_images, load_deploy_config
+
+    path = REPO / "deploy" / "configs" / "inference_cls.yaml"
+    cfg = load_deploy_config(path, ["Global.inference_model_dir=/models/x", "Global.batch_size=4"])
+    assert cfg["Global"]["inference_model_dir"] == "/models/x" and cfg["Global"]["batch_size"] == 4
+    with pytest.raises(ConfigError, match=r"Global.enable_mkldn.*did you mean 'enable_mkldnn'"):
+        load_deploy_config(path, ["Global.enable_mkldn=False"])
+    with pytest.raises(ConfigError, match="Global.batch_size: expected int"):
+        load_deploy_config(path, ["Global.batch_size=four"])
+    with pytest.raises(ConfigError, match="Global.infer_imgs"):
+        list_images(str(tmp_path))  # an empty directory

@@ -41,9 +41,9 @@ def save_checkpoint(prefix, model_state, opt_state=None, states=None, ema_state=
             if parts[suffix] is None:
                 continue
             tmp = f"{prefix}{suffix}.tmp{os.getpid()}"
+            tmp_paths.append((tmp, prefix + suffix))
             paddle.save(parts[suffix], tmp)
             _fsync(tmp)
-            tmp_paths.append((tmp, prefix + suffix))
         for tmp, final in tmp_paths:
             os.replace(tmp, final)
             written.append(final)

@@ -159,9 +159,7 @@ def export_inference_model(cfg, save_dir=None, allow_random=False):
     arch = cfg.get("Arch") or {}
     if not arch.get("name"):
         raise ConfigError("Arch.name", "the export needs the model name, e.g. Arch.name: PPLCNet_x1_0")
-    save_dir = Path(save_dir or glob.get("save_inference_dir") or "./inference")
-    export_onnx = bool(glob.get("export_onnx", False))
-    if export_onnx:  # fail before the slow part
+    if glob.get("export_onnx"):  # fail before the slow part
         _require_onnx_tools()
     source = glob.get("pretrained_model")
     if not source and not allow_random:
@@ -178,12 +176,22 @@ def export_inference_model(cfg, save_dir=None, allow_random=False):
             raise WeightsError(f"{report.path}: its classifier does not fit Arch.class_num="
                                f"{report.head_reinitialised}; set Arch.class_num to the class count "
                                "the weights were trained with")
+    return export_model_with_config(model, cfg, save_dir)
+
+
+def export_model_with_config(model, cfg, save_dir=None):
+    """Export a model object (e.g. the trainer's best model) with everything else from ``cfg``:
+    image_shape, eval preprocessing, label names, top-k, ONNX."""
+    glob = cfg.get("Global") or {}
+    arch = cfg.get("Arch") or {}
+    save_dir = Path(save_dir or glob.get("save_inference_dir") or "./inference")
     image_shape = glob.get("image_shape") or [3, 224, 224]
     class_num = getattr(model, "class_num", arch.get("class_num"))
     post = (cfg.get("Infer") or {}).get("PostProcess") or {}
     return export_dygraph(model, save_dir, image_shape, eval_preprocess_ops(cfg),
-                          label_names_from_config(cfg, class_num), model_name=arch["name"],
-                          topk=post.get("topk", 5), export_onnx=export_onnx)
+                          label_names_from_config(cfg, class_num),
+                          model_name=str(arch.get("name") or type(model).__name__).strip(),
+                          topk=post.get("topk", 5), export_onnx=bool(glob.get("export_onnx", False)))
 
 
 def _require_onnx_tools():

@@ -1,0 +1,144 @@
+"""Accuracy benchmark: fine-tuning strategies for MobileNetV2 on flowers5, one command.
+
+    python benchmarks/finetune_flowers.py --split mini --size 128 --runs pretrained,scratch
+    python benchmarks/finetune_flowers.py --split full --size 160 \
+        --runs pretrained,scratch,linear_probe,freeze_unfreeze
+
+Every run is ``configs/MobileNetV2.yaml`` (the recipe users start from) with the overrides in
+``RUNS`` and the dataset/size overrides below; nothing else differs between runs. Writes a results
+table (markdown + JSON) and the training curves (PNG) to ``--out`` (default docs/benchmarks/).
+The data and weights default to ``../shared`` (``PPCLS_FT_SHARED``).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# Strategy -> config overrides on top of configs/MobileNetV2.yaml.
+RUNS = {
+    "pretrained": [],
+    "scratch": ["Global.pretrained_model=null"],
+    # Only the head trains, so a 10x larger rate is safe and needed to move it in a few epochs.
+    "linear_probe": ["FineTune.linear_probe=True", "Optimizer.lr.learning_rate=0.01"],
+    # Head alone for one epoch, then everything at the recipe's rate.
+    "freeze_unfreeze": ["FineTune.freeze_backbone_epochs=1", "FineTune.unfreeze_lr_factor=1.0"],
+}
+
+
+def parse_args(argv=None):
+    shared = Path(os.environ.get("PPCLS_FT_SHARED", ROOT.parent / "shared"))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(shared / "data" / "flowers5"))
+    ap.add_argument("--weights", default=str(shared / "weights" / "MobileNetV2_imagenet.pdparams"))
+    ap.add_argument("--split", choices=("mini", "full"), default="mini")
+    ap.add_argument("--size", type=int, default=128, help="train crop / eval crop in pixels")
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--runs", default="pretrained,scratch", help=f"comma list of {', '.join(RUNS)}")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
+    ap.add_argument("--work", default=str(ROOT / "output" / "benchmarks"))
+    ap.add_argument("-o", "--override", action="append", default=[], help="extra config overrides")
+    return ap.parse_args(argv)
+
+
+def run_overrides(args, name, work):
+    data = Path(args.data)
+    suffix = "_mini" if args.split == "mini" else ""
+    resize = int(round(args.size * 256 / 224))  # the ImageNet eval ratio: resize 256 -> crop 224
+    ds = "DataLoader.{}.dataset"
+    out = [
+        "Arch.class_num=5", "Global.device=cpu", "Global.use_visualdl=False", "Global.seed=0",
+        f"Global.epochs={args.epochs}", f"Global.output_dir={work / name}", "Global.save_interval=1000",
+        "Global.print_batch_step=20", f"Global.pretrained_model={args.weights}",
+        f"{ds.format('Train')}.image_root={data}", f"{ds.format('Eval')}.image_root={data}",
+        f"{ds.format('Train')}.cls_label_path={data / f'train_list{suffix}.txt'}",
+        f"{ds.format('Eval')}.cls_label_path={data / f'val_list{suffix}.txt'}",
+        f"{ds.format('Train')}.transform_ops.1.RandCropImage.size={args.size}",
+        f"{ds.format('Eval')}.transform_ops.1.ResizeImage.resize_short={resize}",
+        f"{ds.format('Eval')}.transform_ops.2.CropImage.size={args.size}",
+        f"DataLoader.Train.sampler.batch_size={args.batch_size}",
+        f"DataLoader.Train.loader.num_workers={args.workers}",
+        f"DataLoader.Eval.loader.num_workers={args.workers}",
+        f"Global.image_shape=[3, {args.size}, {args.size}]",
+    ]
+    return out + RUNS[name] + args.override
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from ppcls_ft.config import load_config
+    from ppcls_ft.engine.run import train
+
+    names = [n.strip() for n in args.runs.split(",") if n.strip()]
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        raise SystemExit(f"unknown run(s) {unknown}; choose from {list(RUNS)}")
+    work, out = Path(args.work), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = f"flowers5_{args.split}_{args.size}px"
+    results = {}
+    for name in names:
+        cfg = load_config(ROOT / "configs" / "MobileNetV2.yaml", run_overrides(args, name, work))
+        start = time.time()
+        res = train(cfg)
+        hist = res["history"]
+        results[name] = {
+            "best_top1": res["best_top1"], "final_top1": hist[-1].get("eval_top1") if hist else None,
+            "epochs": len(hist), "minutes": round((time.time() - start) / 60, 2),
+            "images_per_sec": round(sum(h["images_per_sec"] for h in hist) / max(len(hist), 1), 1),
+            "verdict": res["diagnosis"]["verdict"], "history": hist,
+        }
+        print(f"== {name}: best top-1 {res['best_top1']:.4f} in {results[name]['minutes']} min", flush=True)
+    (out / f"{tag}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    table = write_table(out / f"{tag}.md", tag, args, results)
+    plot_curves(out / f"{tag}.png", tag, results)
+    print(table)
+    return results
+
+
+def write_table(path, tag, args, results):
+    from ppcls_ft.utils.device import available_cores
+    lines = [f"# {tag}: MobileNetV2 fine-tuning strategies", "",
+             f"`python benchmarks/finetune_flowers.py --split {args.split} --size {args.size} "
+             f"--epochs {args.epochs} --runs {args.runs}` — configs/MobileNetV2.yaml, batch "
+             f"{args.batch_size}, CPU with {available_cores()} cores, "
+             f"{time.strftime('%Y-%m-%d')}.", "",
+             "| run | best val top-1 | final val top-1 | epochs | minutes | train images/s | verdict |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in results.items():
+        final = "—" if r["final_top1"] is None else f"{r['final_top1']:.4f}"
+        lines.append(f"| {name} | {r['best_top1']:.4f} | {final} | {r['epochs']} | {r['minutes']} | "
+                     f"{r['images_per_sec']} | {r['verdict']} |")
+    lines += ["", f"![curves]({path.with_suffix('.png').name})", ""]
+    text = "\n".join(lines)
+    path.write_text(text)
+    return text
+
+
+def plot_curves(path, tag, results):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, r in results.items():
+        epochs = [h["epoch"] for h in r["history"]]
+        ax1.plot(epochs, [h.get("eval_top1") for h in r["history"]], marker="o", label=name)
+        ax2.plot(epochs, [h["train_loss"] for h in r["history"]], marker="o", label=name)
+    ax1.set(title=f"{tag}: val top-1", xlabel="epoch", ylabel="top-1")
+    ax2.set(title="train loss", xlabel="epoch", ylabel="loss")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
