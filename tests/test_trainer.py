@@ -88,7 +88,12 @@ def test_train_writes_logs_results_and_checkpoints(tmp_path, tiny_dataset, capsy
     assert "[Train][Epoch 1/2][Iter: 1/3]lr:" in log and "batch_cost:" in log and "eta:" in log
     assert "[Eval][Epoch 2][Avg]" in log and "top1:" in log
     assert (out / "config.yaml").is_file()
-    assert list((out / "vdl").rglob("*")), "VisualDL records missing"
+    from visualdl import LogReader
+    reader = LogReader(file_path=str(next((out / "vdl").glob("vdlrecords.*"))))
+    tags = set(reader.get_tags()["scalar"])
+    assert {"train_lr", "train_loss", "train_CELoss", "train_top1", "train_ips",
+            "eval_loss", "eval_CELoss", "eval_top1", "eval_top2"} <= tags
+    assert [r.id for r in reader.get_data("scalar", "eval_top1")] == [1, 2]
     assert result["best_top1"] == data["best_top1"]
 
 
@@ -99,15 +104,17 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, tiny_dataset):
                      overrides=["Global.epochs=4"])
     # Interrupt after epoch 2: train a 4-epoch schedule but stop by resuming from epoch_2 of a run
     # whose loop we cut short by hand (same schedule length, so the LR curve is identical).
+    import paddle
     from ppcls_ft.engine.builder import build_train_parts
     from ppcls_ft.engine.trainer import Trainer
-    trainer = Trainer(build_train_parts(first))
-    for epoch in (1, 2):
-        record = trainer.train_epoch(epoch)
-        record.update(trainer.maybe_evaluate(epoch))
-        trainer.history.append(record)
-        trainer.epoch = epoch
-        trainer.save_epoch(epoch, record)
+    with paddle.utils.unique_name.guard():  # as engine.run.train does: names as in a fresh process
+        trainer = Trainer(build_train_parts(first))
+        for epoch in (1, 2):
+            record = trainer.train_epoch(epoch)
+            record.update(trainer.maybe_evaluate(epoch))
+            trainer.history.append(record)
+            trainer.epoch = epoch
+            trainer.save_epoch(epoch, record)
     resumed = make_cfg(tmp_path, tiny_dataset, name="part", epochs=4,
                        overrides=[f"Global.checkpoints={tmp_path / 'part' / 'epoch_2'}"])
     train(resumed)
@@ -183,3 +190,30 @@ def test_freeze_longer_than_training_is_an_error(tmp_path, tiny_dataset):
     cfg = make_cfg(tmp_path, tiny_dataset, name="bad", epochs=2, overrides=["FineTune.freeze_backbone_epochs=2"])
     with pytest.raises(ConfigError, match="FineTune.freeze_backbone_epochs"):
         build_train_parts(cfg)
+
+
+def test_amp_is_refused_on_cpu_with_a_message(tmp_path, tiny_dataset, capsys):
+    from ppcls_ft.engine.builder import build_train_parts
+    cfg = make_cfg(tmp_path, tiny_dataset, name="amp", epochs=1,
+                   overrides=["AMP={use_amp: True, level: O1}", "Optimizer.lr.warmup_epoch=0"])
+    parts = build_train_parts(cfg)
+    assert parts.scaler is None and parts.amp_level is None
+    assert "mixed precision needs a GPU" in capsys.readouterr().out
+
+
+def test_class_weight_auto_uses_inverse_frequency(tmp_path, tiny_dataset):
+    from ppcls_ft.engine.builder import build_train_parts
+    root, lst, _ = tiny_dataset
+    lines = lst.read_text().splitlines()
+    lst.write_text("\n".join(lines[:4] + lines[4:6] + lines[8:]) + "\n")  # 4, 2, 4 images per class
+    cfg = make_cfg(tmp_path, tiny_dataset, name="cw", epochs=1,
+                   overrides=["Loss.Train.0.CELoss.class_weight=auto", "Optimizer.lr.warmup_epoch=0"])
+    parts = build_train_parts(cfg)
+    ce = parts.train_loss
+    weights = None
+    for layer in ce.sublayers(include_self=True):
+        if getattr(layer, "class_weight", None) is not None:
+            weights = np.asarray(layer.class_weight.numpy() if hasattr(layer.class_weight, "numpy")
+                                 else layer.class_weight, dtype="float64").ravel()
+    assert weights is not None
+    np.testing.assert_allclose(weights, [10 / 12, 10 / 6, 10 / 12], rtol=1e-5)

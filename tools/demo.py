@@ -41,7 +41,7 @@ def main():
     if served:
         print(f"inference model:  {served}  (python deploy/python/predict_cls.py -c "
               f"deploy/configs/inference_cls.yaml -o Global.inference_model_dir={served} "
-              f"-o Global.infer_imgs={data / 'images' / 'val' / 'circle'})")
+              f"-o Global.infer_imgs={data / 'images' / 'val' / 'rings'})")
 
 
 def _export_and_serve(cfg, data):
@@ -50,7 +50,7 @@ def _export_and_serve(cfg, data):
     from ppcls_ft.predictor import Predictor
 
     model_dir = export_inference_model(cfg)
-    images = sorted((data / "images" / "val").rglob("*.jpg"))[::20][:4]
+    images = [sorted(d.glob("*.jpg"))[0] for d in sorted((data / "images" / "val").iterdir())]
     for image, res in zip(images, Predictor(model_dir).predict([str(p) for p in images])):
         print(f"{image.parent.name}/{image.name}: predicted {res['label_names'][0]} "
               f"({res['scores'][0]:.2f})")

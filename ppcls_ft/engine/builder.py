@@ -76,8 +76,7 @@ def build_model_for(cfg, logger, pretrained_model=None):
     source = pretrained_model if pretrained_model is not None else global_cfg(cfg).get("pretrained_model")
     if source:
         strict = bool(cfg["Arch"].get("load_strict", True))
-        report = load_pretrained(model, source, strict=strict, logger=logger.info)
-        logger.info(str(report))
+        load_pretrained(model, source, strict=strict, logger=logger.info)  # logs its report
     return model
 
 
@@ -201,20 +200,11 @@ def build_train_parts(cfg):
 
 
 def _with_class_weight(cfg, train_loader, class_num):
-    """Resolve ``CELoss.class_weight: auto`` to inverse-frequency weights from the train labels."""
-    entries = []
-    for entry in cfg["Loss"]["Train"] if cfg.get("Loss") else []:
-        name, kwargs = next(iter(entry.items()))
-        kwargs = dict(kwargs or {})
-        if kwargs.get("class_weight") == "auto":
-            counts = np.bincount(np.asarray(train_loader.dataset.labels), minlength=class_num)
-            counts = np.maximum(counts, 1).astype("float64")
-            # weight_c = N / (K * n_c): balanced classes get 1.0, rare classes more.
-            kwargs["class_weight"] = (counts.sum() / (class_num * counts)).round(6).tolist()
-        entries.append({name: kwargs})
-    if not entries:
+    """``Loss.Train`` with ``CELoss.class_weight: auto`` resolved from the training label counts."""
+    if not (cfg.get("Loss") or {}).get("Train"):
         return _loss(cfg, "Train")
-    return build_loss(entries, path="Loss.Train")
+    counts = np.bincount(np.asarray(train_loader.dataset.labels), minlength=class_num).tolist()
+    return build_loss(cfg["Loss"]["Train"], path="Loss.Train", class_counts=counts)
 
 
 def world_info():

@@ -118,7 +118,7 @@ class Trainer:
             seen += n
             batch_t.add(time.time() - tic)
             if it % self.print_every == 0 or it == iters:
-                self.log_step(epoch, it, iters, avgs, batch_t, reader_t, n)
+                self.log_step(epoch, it, iters, avgs, batch_t, reader_t, seen)
             tic = time.time()
         seconds = time.time() - start
         record = {"epoch": epoch, "train_loss": avgs["loss"].mean if "loss" in avgs else None,
@@ -173,17 +173,18 @@ class Trainer:
     def current_lr(self):
         return float(self.p.optimizer.get_lr())
 
-    def log_step(self, epoch, it, iters, avgs, batch_t, reader_t, n):
+    def log_step(self, epoch, it, iters, avgs, batch_t, reader_t, seen):
         values = {k: a.mean for k, a in avgs.items()} | self.train_topk()
+        ips = seen / max(batch_t.total, 1e-9)  # images/s over the epoch so far
         remaining = (self.epochs - epoch) * iters + (iters - it)
         self.log.info(
             f"[Train][Epoch {epoch}/{self.epochs}][Iter: {it}/{iters}]lr: {self.current_lr():.8f}, "
             f"{format_values(values)}, batch_cost: {batch_t.mean:.5f}s, reader_cost: "
-            f"{reader_t.mean:.5f}s, ips: {n / max(batch_t.mean, 1e-9):.5f} samples/s, "
+            f"{reader_t.mean:.5f}s, ips: {ips:.5f} samples/s, "
             f"eta: {format_eta(remaining * batch_t.mean)}")
         step = (epoch - 1) * iters + it
         if self.p.writer is not None:
-            self.p.writer.add_scalars({"lr": self.current_lr(), "ips": n / max(batch_t.mean, 1e-9)}
+            self.p.writer.add_scalars({"lr": self.current_lr(), "ips": ips}
                                       | values, step, prefix="train_")
 
     # ------------------------------------------------------------ evaluation

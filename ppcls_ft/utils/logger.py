@@ -1,9 +1,11 @@
 """Console + ``train.log`` logging and VisualDL scalars behind one writer.
 
-The names in the printed log line and the VisualDL tags are the same (``train_loss``,
-``train_CELoss``, ``train_top1``, ``lr``, ``eval_top1`` ...), so a value seen in one is found in
-the other. PaddleClas tags the learning rate with the scheduler class (``lr(LinearWarmup)``),
-which changes between configs; ours is always ``lr``.
+The VisualDL tags are the names in the printed log line with a ``train_`` or ``eval_`` prefix
+(``train_lr``, ``train_loss``, ``train_CELoss``, ``train_top1``, ``train_ips``, ``eval_loss``,
+``eval_top1``, ``eval_ema_top1`` ...), so a value seen in one is found in the other. PaddleClas
+tags the learning rate with the scheduler class (``lr(LinearWarmup)``), which changes between
+configs; ours is always ``train_lr``. Train scalars are stepped by global iteration, eval
+scalars by epoch.
 """
 import datetime
 import logging
