@@ -9,6 +9,7 @@ import logging
 from typing import Union
 
 import numpy as np
+import paddle
 
 from .errors import ConfigError
 from .registry import METRICS
@@ -113,6 +114,16 @@ class MetricSet:
     def reset(self):
         for m in self.metrics:
             m.reset()
+
+    def all_reduce(self):
+        """Sum the counts over devices (multi-GPU eval: each rank saw a shard of the data)."""
+        if paddle.distributed.get_world_size() < 2:
+            return
+        for m in self.metrics:
+            counts = paddle.to_tensor([m.count] + [m.correct[k] for k in m.topk], dtype="int64")
+            paddle.distributed.all_reduce(counts)
+            values = counts.numpy().tolist()
+            m.count, m.correct = values[0], dict(zip(m.topk, values[1:]))
 
     def __len__(self):
         return len(self.metrics)

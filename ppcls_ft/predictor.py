@@ -317,13 +317,13 @@ def predictor_from_config(cfg):
 
 
 def list_images(infer_imgs, where="Global.infer_imgs"):
-    """A file, a directory (its images, sorted, not recursive) or a list of files -> paths."""
+    """A file, a directory (its images and those of its sub-folders, sorted) or a list -> paths."""
     items = infer_imgs if isinstance(infer_imgs, list) else [infer_imgs]
     paths = []
     for item in items:
         p = Path(str(item))
         if p.is_dir():
-            paths += sorted(str(f) for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            paths += sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
         elif p.is_file():
             paths.append(str(p))
         else:

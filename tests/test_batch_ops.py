@@ -3,7 +3,7 @@ import numpy as np
 import paddle
 import pytest
 
-from ppcls_ft.data.batch_ops import CutmixOperator, MixupOperator, OpSampler, build_batch_op
+from ppcls_ft.data.batch_ops import CutmixOperator, MixupOperator, build_batch_op
 from ppcls_ft.errors import ConfigError
 
 K = 5

@@ -4,7 +4,6 @@ import logging
 import numpy as np
 import pytest
 
-from conftest import write_tiny_dataset
 from ppcls_ft.data.dataset import ImageFolderDataset, ImageNetDataset, collate_skip_none
 from ppcls_ft.data.loader import build_dataloader, set_epoch
 from ppcls_ft.data.samplers import ClassBalancedSampler

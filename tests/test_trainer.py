@@ -171,7 +171,10 @@ def test_freeze_then_unfreeze(tmp_path, tiny_dataset):
                    overrides=["FineTune.freeze_backbone_epochs=1", "FineTune.unfreeze_lr_factor=0.5"])
     parts = build_train_parts(cfg)
     trainer = Trainer(parts)
-    snap = lambda: {k: v.numpy().copy() for k, v in parts.model.state_dict().items()}
+
+    def snap():
+        return {k: v.numpy().copy() for k, v in parts.model.state_dict().items()}
+
     s0 = snap()
     trainer.train_epoch(1)
     s1 = snap()

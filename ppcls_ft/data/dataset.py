@@ -55,16 +55,7 @@ class _ImageDataset(paddle.io.Dataset):
     def _load(self, path):
         with open(path, "rb") as f:
             data = f.read()
-        img = self.transform(data)
-        if not isinstance(img, np.ndarray):
-            img = np.asarray(img)
-        if img.ndim == 2:
-            img = img[None] if self.transform.chw else img[:, :, None]
-        if img.ndim != 3:
-            raise ValueError(f"transform_ops produced shape {img.shape}; expected an HWC or CHW image")
-        if not self.transform.chw:
-            img = img.transpose((2, 0, 1))
-        return np.ascontiguousarray(img, dtype=np.float32)
+        return self.transform.to_chw(data)
 
     def __getitem__(self, idx):
         path, label = self.samples[idx]

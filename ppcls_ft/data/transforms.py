@@ -296,6 +296,18 @@ class Compose:
             img = op(img)
         return img
 
+    def to_chw(self, img):
+        """Apply the ops and return a contiguous float32 CHW array, transposing HWC output (PaddleClas
+        datasets transpose after ``transform_ops``, so lists without ``ToCHWImage`` are common)."""
+        img = np.asarray(self(img))
+        if img.ndim == 2:
+            img = img[None] if self.chw else img[:, :, None]
+        if img.ndim != 3:
+            raise ValueError(f"transform_ops produced shape {img.shape}; expected an HWC or CHW image")
+        if not self.chw:
+            img = img.transpose((2, 0, 1))
+        return np.ascontiguousarray(img, dtype=np.float32)
+
     def __len__(self):
         return len(self.ops)
 

@@ -151,6 +151,12 @@ def build_train_parts(cfg):
     seed_everything(seed)
     if rank == 0:
         save_config(cfg, out_dir)
+    if glob.get("to_static"):
+        # Measured slower than dygraph for CPU training (shared/guide/PERFORMANCE.md §2); a GPU
+        # to_static path is not implemented yet, so say so rather than pretend.
+        logger.warning("Global.to_static: True is ignored; training runs in dygraph")
+    if glob.get("use_dali"):
+        logger.warning("Global.use_dali: True is ignored; images are decoded with OpenCV workers")
     class_num = class_num_of(cfg)
     epochs = int(glob.get("epochs", 1))
 

@@ -284,6 +284,13 @@ def evaluate(parts, model):
                     avgs.setdefault(k, Average()).add(float(v), n)
             if metrics is not None:
                 metrics.update(logits, labels)
+    if paddle.distributed.get_world_size() > 1:  # every rank evaluated a shard: sum them
+        for a in avgs.values():
+            t = paddle.to_tensor([a.total, float(a.count)], dtype="float64")
+            paddle.distributed.all_reduce(t)
+            a.total, a.count = float(t[0]), int(t[1])
+        if metrics is not None:
+            metrics.all_reduce()
     out = {k: a.mean for k, a in avgs.items()}
     if metrics is not None:
         out.update(metrics.accumulate())
