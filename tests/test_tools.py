@@ -84,3 +84,11 @@ def test_demo_dataset_is_deterministic_and_balanced(tmp_path):
     assert len([x for x in lines if x]) == 3 * len(CLASSES)
     assert (a / "images/train/rings/0001.jpg").read_bytes() == (b / "images/train/rings/0001.jpg").read_bytes()
     assert (a / "label_list.txt").read_text().splitlines()[0] == "0 horizontal_stripes"
+
+
+def test_eval_refuses_weights_of_another_class_count(cfg_path, tmp_path):
+    code, out = run_tool("train.py", "-c", str(cfg_path))
+    assert code == 0, out
+    code, out = run_tool("eval.py", "-c", str(cfg_path), "-o", "Arch.class_num=4", "-o",
+                         f"Global.pretrained_model={tmp_path / 'out' / 'latest'}")
+    assert code == 2 and "does not fit Arch.class_num=4" in out

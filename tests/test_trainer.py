@@ -220,3 +220,26 @@ def test_class_weight_auto_uses_inverse_frequency(tmp_path, tiny_dataset):
                                  else layer.class_weight, dtype="float64").ravel()
     assert weights is not None
     np.testing.assert_allclose(weights, [10 / 12, 10 / 6, 10 / 12], rtol=1e-5)
+
+
+def test_ema_is_evaluated_saved_and_resumed(tmp_path, tiny_dataset):
+    cfg = make_cfg(tmp_path, tiny_dataset, name="ema", epochs=2, overrides=["EMA={decay: 0.9}"])
+    result = train(cfg)
+    rec = result["history"][-1]
+    assert 0 <= rec["eval_ema_top1"] <= 1 and "eval_top1" in rec
+    parts = load_checkpoint(tmp_path / "ema" / "latest")
+    assert parts["ema"] is not None
+    # EMA weights differ from the raw weights, and .pdparams keeps the raw model (not the EMA).
+    key = "fc.weight"
+    assert not np.allclose(parts["ema"][key], parts["params"][key])
+
+
+def test_corrupt_image_is_skipped_and_counted(tmp_path, tiny_dataset):
+    root, lst, _ = tiny_dataset
+    first = lst.read_text().split()[0]
+    (root / first).write_bytes(b"not a jpeg at all")
+    cfg = make_cfg(tmp_path, tiny_dataset, name="bad", epochs=1, overrides=["Optimizer.lr.warmup_epoch=0"])
+    result = train(cfg)
+    assert result["history"][0]["skipped_images"] == 1
+    log = (tmp_path / "bad" / "train.log").read_text()
+    assert "1 unreadable images were skipped" in log and "skipped: 1 images" in log

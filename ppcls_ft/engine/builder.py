@@ -15,7 +15,7 @@ import paddle
 from ..config import save_config
 from ..data.batch_ops import build_batch_op
 from ..data.loader import build_dataloader
-from ..errors import ConfigError
+from ..errors import ConfigError, WeightsError
 from ..losses import build_loss
 from ..metrics import build_metrics
 from ..models import build_model, load_pretrained
@@ -70,13 +70,23 @@ def class_num_of(cfg):
     return int(arch["class_num"])
 
 
-def build_model_for(cfg, logger, pretrained_model=None):
-    """Model from ``Arch`` (which loads ``Arch.pretrained``), then ``Global.pretrained_model``."""
-    model = build_model(cfg["Arch"], logger=logger.info)
+def build_model_for(cfg, logger, pretrained_model=None, for_training=True):
+    """Model from ``Arch`` (which loads ``Arch.pretrained``), then ``Global.pretrained_model``.
+
+    Outside training (eval, infer) a classifier re-initialised for another class count would
+    score a random head, so that is an error there instead of a fine-tuning convenience.
+    """
     source = pretrained_model if pretrained_model is not None else global_cfg(cfg).get("pretrained_model")
+    # Global.pretrained_model replaces every weight, so an Arch.pretrained download is skipped
+    # (PaddleClas loads both, so an offline eval of a config with pretrained: True fails).
+    model = build_model(cfg["Arch"], load_weights=not source, logger=logger.info)
     if source:
         strict = bool(cfg["Arch"].get("load_strict", True))
-        load_pretrained(model, source, strict=strict, logger=logger.info)  # logs its report
+        report = load_pretrained(model, source, strict=strict, logger=logger.info)  # logs its report
+        if not for_training and report.head_reinitialised is not None:
+            raise WeightsError(f"{report.path}: its classifier does not fit Arch.class_num="
+                               f"{report.head_reinitialised}; set Arch.class_num to the class count "
+                               "these weights were trained with")
     return model
 
 
@@ -109,7 +119,7 @@ def build_eval_parts(cfg, logger=None, pretrained_model=None):
     logger = logger or get_logger(None)
     device, _ = setup_device(glob.get("device", "cpu"), glob.get("cpu_threads"), logger)
     seed_everything(int(glob.get("seed") or 0))
-    model = build_model_for(cfg, logger, pretrained_model)
+    model = build_model_for(cfg, logger, pretrained_model, for_training=False)
     class_num = class_num_of(cfg)
     loader = _eval_loader(cfg, class_num, int(glob.get("seed") or 0))
     if loader is None:

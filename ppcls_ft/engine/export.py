@@ -22,7 +22,7 @@ import numpy as np
 import paddle
 import yaml
 
-from ..errors import ConfigError, WeightsError
+from ..errors import ConfigError
 from ..predictor import INFER_YML, MODEL_FORMATS, read_label_file
 
 # Files a previous export may have left; removed first so a directory never holds two graphs.
@@ -153,7 +153,9 @@ def export_inference_model(cfg, save_dir=None, allow_random=False):
     ``allow_random=True`` exports untrained weights when no ``pretrained_model`` is set (for speed
     tests); otherwise a missing ``pretrained_model`` is an error.
     """
-    from ..models import build_model, load_pretrained
+    from ..models import build_model
+    from ..utils.logger import get_logger
+    from .builder import build_model_for
 
     glob = cfg.get("Global") or {}
     arch = cfg.get("Arch") or {}
@@ -166,16 +168,10 @@ def export_inference_model(cfg, save_dir=None, allow_random=False):
         raise ConfigError("Global.pretrained_model", "set it to the trained weights to export "
                           "(e.g. -o Global.pretrained_model=output/best_model); exporting random "
                           "weights needs allow_random=True")
-    # The trained weights replace everything, so Arch.pretrained (an ImageNet download) is skipped.
-    model = build_model(arch, load_weights=False)
-    if source:
-        report = load_pretrained(model, source, strict=True)
-        # load_pretrained re-initialises a classifier of another class count (right for fine-tuning);
-        # exporting a random head would ship a model that predicts nothing it was trained on.
-        if report.head_reinitialised is not None:
-            raise WeightsError(f"{report.path}: its classifier does not fit Arch.class_num="
-                               f"{report.head_reinitialised}; set Arch.class_num to the class count "
-                               "the weights were trained with")
+    if source:  # strict, and a classifier of another class count is an error, not a fresh head
+        model = build_model_for(cfg, get_logger(None), for_training=False)
+    else:
+        model = build_model(arch, load_weights=False)
     return export_model_with_config(model, cfg, save_dir)
 
 

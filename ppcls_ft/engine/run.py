@@ -41,7 +41,7 @@ def infer(cfg):
     if "transforms" not in infer_cfg:
         raise ConfigError("Infer.transforms", "is required (the eval preprocessing list)")
     logger = get_logger(None)
-    model = build_model_for(cfg, logger)
+    model = build_model_for(cfg, logger, for_training=False)
     model.eval()
     transform = build_transforms(infer_cfg["transforms"], path="Infer.transforms")
     post = infer_cfg.get("PostProcess") or {}

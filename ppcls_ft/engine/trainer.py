@@ -272,9 +272,10 @@ def evaluate(parts, model):
     metrics = parts.eval_metrics
     if metrics is not None:
         metrics.reset()
-    avgs = {}
+    avgs, skipped = {}, 0
     with paddle.no_grad():
-        for images, labels, _ in parts.eval_loader:
+        for images, labels, n_skipped in parts.eval_loader:
+            skipped += int(np.asarray(n_skipped).sum())
             n = int(images.shape[0])
             if n == 0:
                 continue
@@ -291,6 +292,9 @@ def evaluate(parts, model):
             a.total, a.count = float(t[0]), int(t[1])
         if metrics is not None:
             metrics.all_reduce()
+    if skipped:
+        parts.logger.warning(f"[Eval] {skipped} unreadable images were skipped (see warnings above); "
+                             "metrics cover the readable ones only")
     out = {k: a.mean for k, a in avgs.items()}
     if metrics is not None:
         out.update(metrics.accumulate())

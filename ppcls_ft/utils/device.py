@@ -46,9 +46,11 @@ def setup_device(device="cpu", cpu_threads=None, logger=None):
     notes = []
     if device.startswith("gpu"):
         if gpu_available():
-            rank = int(os.environ.get("PADDLE_LOCAL_RANK", os.environ.get("FLAGS_selected_gpus", 0) or 0))
-            paddle.set_device(f"gpu:{rank}")
-            banner = f"device gpu:{rank} ({paddle.device.cuda.get_device_name(rank)})"
+            # Plain "gpu": Paddle picks FLAGS_selected_gpus, which paddle.distributed.launch sets
+            # to each process's own card.
+            paddle.set_device("gpu")
+            place = paddle.device.get_device()
+            banner = f"device {place} ({paddle.device.cuda.get_device_name()})"
             _log(logger, banner)
             return "gpu", banner
         notes.append("Global.device is gpu but this Paddle has no usable GPU; training on the CPU")
