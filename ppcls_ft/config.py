@@ -54,7 +54,8 @@ SECTIONS = ("Global", "Arch", "Loss", "Optimizer", "DataLoader", "Infer", "Metri
             "FineTune")
 REQUIRED_SECTIONS = ("Global", "Arch")
 # Arch keys consumed by models.build_model itself rather than the constructor.
-ARCH_BUILDER_KEYS = ("name", "pretrained", "use_ssld", "pretrained_variant", "load_strict")
+ARCH_BUILDER_KEYS = ("name", "pretrained", "use_ssld", "pretrained_variant", "load_strict",
+                     "use_imagenet22kto1k_pretrained", "use_imagenet22k_pretrained")
 
 
 def to_number(value):

@@ -265,3 +265,12 @@ def test_deploy_config_rejects_typos_and_reads_overrides(tmp_path):
         load_deploy_config(path, ["Global.batch_size=four"])
     with pytest.raises(ConfigError, match="Global.infer_imgs"):
         list_images(str(tmp_path))  # an empty directory
+
+
+def test_folder_dataset_class_names_become_label_names(tmp_path):
+    from ppcls_ft.engine.export import label_names_from_config
+    for name in ("tulip", "daisy", "rose"):
+        (tmp_path / "photos" / name).mkdir(parents=True)
+    cfg = {"DataLoader": {"Eval": {"dataset": {"name": "ImageFolderDataset",
+                                               "image_root": str(tmp_path / "photos")}}}}
+    assert label_names_from_config(cfg, 3) == ["daisy", "rose", "tulip"]

@@ -367,3 +367,18 @@ def test_real_partial_load_reports_missing_last_conv(shared):
     assert report.head_reinitialised == 2  # fc in-features 128 (file) vs 1280 (model)
     assert report.loaded == report.total - 3
     assert "1 missing (left at init): last_conv.weight" in str(report)
+
+
+def test_paddleclas_swin_22kto1k_key_selects_the_variant(monkeypatch):
+    from ppcls_ft.models import _builder
+    seen = {}
+
+    def fake_load(model, source, **kw):
+        seen.update(kw, source=source)
+
+    monkeypatch.setattr(_builder, "load_pretrained", fake_load)
+    _builder.build_model({"name": "SwinTransformer_base_patch4_window7_224", "class_num": 3,
+                          "img_size": 64, "window_size": 2, "pretrained": True,
+                          "use_imagenet22kto1k_pretrained": True})
+    assert seen["source"] is True and seen["variant"] == "22kto1k"
+    assert "22kto1k" in _builder.official_url("SwinTransformer_base_patch4_window7_224", variant="22kto1k")

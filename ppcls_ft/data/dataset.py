@@ -144,6 +144,11 @@ class ImageNetDataset(_ImageDataset):
         return [(p, lab) for _, p, lab in entries]
 
 
+def class_folders(image_root):
+    """Sorted sub-folder names of ``image_root``: label ``i`` is ``class_folders(root)[i]``."""
+    return sorted(d for d in os.listdir(image_root) if os.path.isdir(os.path.join(image_root, d)))
+
+
 @DATASETS.register
 class ImageFolderDataset(_ImageDataset):
     """Folder per class: ``image_root/<class name>/**/<image>``; classes sorted by name.
@@ -167,8 +172,7 @@ class ImageFolderDataset(_ImageDataset):
         exts = tuple(e.lower() if e.startswith(".") else "." + e.lower()
                      for e in (extensions or _IMAGE_EXTENSIONS))
         self.image_root = image_root
-        self.class_names = sorted(d for d in os.listdir(image_root)
-                                  if os.path.isdir(os.path.join(image_root, d)))
+        self.class_names = class_folders(image_root)
         if not self.class_names:
             raise DataError(f"{image_root}: no class sub-folders found")
         if class_num is not None and len(self.class_names) > class_num:

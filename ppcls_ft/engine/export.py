@@ -22,6 +22,7 @@ import numpy as np
 import paddle
 import yaml
 
+from ..data.dataset import class_folders
 from ..errors import ConfigError
 from ..predictor import INFER_YML, MODEL_FORMATS, read_label_file
 
@@ -68,7 +69,8 @@ def eval_preprocess_ops(cfg):
 
 def label_names_from_config(cfg, class_num):
     """Label names: ``Infer.PostProcess.class_id_map_file``, else ``label_list.txt`` beside the
-    dataset's ``cls_label_path`` (Eval, then Train), else ``None``."""
+    dataset's ``cls_label_path`` (Eval, then Train), else the class folders of an
+    ``ImageFolderDataset``, else ``None``."""
     post = (cfg.get("Infer") or {}).get("PostProcess") or {}
     if post.get("class_id_map_file"):
         return read_label_file(post["class_id_map_file"], class_num,
@@ -80,6 +82,8 @@ def label_names_from_config(cfg, class_num):
             if candidate.is_file():
                 return read_label_file(candidate, class_num,
                                        f"DataLoader.{mode}.dataset.cls_label_path")
+        if dataset.get("name") == "ImageFolderDataset" and Path(str(dataset.get("image_root"))).is_dir():
+            return class_folders(dataset["image_root"])
     return None
 
 

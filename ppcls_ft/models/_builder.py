@@ -98,6 +98,12 @@ def build_model(arch_cfg, path="Arch", load_weights=True, logger=print):
     use_ssld = _option(cfg, "use_ssld", bool, False, path, "true or false")
     variant = _option(cfg, "pretrained_variant", str, None, path, "null or '22kto1k'")
     strict = _option(cfg, "load_strict", bool, True, path, "true or false")
+    # PaddleClas's Swin spelling of the same choice; accepted so its configs run unchanged.
+    if _option(cfg, "use_imagenet22kto1k_pretrained", bool, False, path, "true or false"):
+        variant = variant or "22kto1k"
+    if _option(cfg, "use_imagenet22k_pretrained", bool, False, path, "true or false"):
+        raise ConfigError(f"{path}.use_imagenet22k_pretrained", "ImageNet-22k (21841-class) weights "
+                          "are not in the official table; use pretrained_variant: 22kto1k")
     if pretrained is True:
         official_url(name, use_ssld=use_ssld, variant=variant)  # fail before building a big model
     elif use_ssld or variant is not None:
