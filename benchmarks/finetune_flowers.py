@@ -44,6 +44,8 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
     ap.add_argument("--work", default=str(ROOT / "output" / "benchmarks"))
     ap.add_argument("-o", "--override", action="append", default=[], help="extra config overrides")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other runs already in --out's results for this split and size")
     return ap.parse_args(argv)
 
 
@@ -83,6 +85,9 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     tag = f"flowers5_{args.split}_{args.size}px"
     results = {}
+    previous = out / f"{tag}.json"
+    if args.merge and previous.is_file():
+        results = json.loads(previous.read_text())["results"]
     for name in names:
         cfg = load_config(ROOT / "configs" / "MobileNetV2.yaml", run_overrides(args, name, work))
         start = time.time()
@@ -95,6 +100,7 @@ def main(argv=None):
             "verdict": res["diagnosis"]["verdict"], "history": hist,
         }
         print(f"== {name}: best top-1 {res['best_top1']:.4f} in {results[name]['minutes']} min", flush=True)
+    results = {n: results[n] for n in RUNS if n in results}  # table order = RUNS order
     (out / f"{tag}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     table = write_table(out / f"{tag}.md", tag, args, results)
     plot_curves(out / f"{tag}.png", tag, results)
@@ -106,7 +112,7 @@ def write_table(path, tag, args, results):
     from ppcls_ft.utils.device import available_cores
     lines = [f"# {tag}: MobileNetV2 fine-tuning strategies", "",
              f"`python benchmarks/finetune_flowers.py --split {args.split} --size {args.size} "
-             f"--epochs {args.epochs} --runs {args.runs}` — configs/MobileNetV2.yaml, batch "
+             f"--epochs {args.epochs} --runs {','.join(results)}` — configs/MobileNetV2.yaml, batch "
              f"{args.batch_size}, CPU with {available_cores()} cores, "
              f"{time.strftime('%Y-%m-%d')}.", "",
              "| run | best val top-1 | final val top-1 | epochs | minutes | train images/s | verdict |",
