@@ -23,7 +23,7 @@ setup(
     extras_require={
         "cpu": ["paddlepaddle==3.3.1"],
         "gpu": ["paddlepaddle-gpu==3.3.1"],
-        "onnx": ["paddle2onnx>=1.2", "onnxruntime>=1.16"],
+        "onnx": ["paddle2onnx>=2.0", "onnxruntime>=1.16", "onnx_graphsurgeon>=0.3.27"],
         "test": ["pytest>=7"],
         "bench": ["matplotlib>=3.5"],
     },

@@ -274,3 +274,18 @@ def test_folder_dataset_class_names_become_label_names(tmp_path):
     cfg = {"DataLoader": {"Eval": {"dataset": {"name": "ImageFolderDataset",
                                                "image_root": str(tmp_path / "photos")}}}}
     assert label_names_from_config(cfg, 3) == ["daisy", "rose", "tulip"]
+
+
+def test_onnx_export_matches_paddle_inference(tmp_path):
+    """Runs where the optional extra is installed (pip install -e .[onnx]); CI's test extra omits it."""
+    pytest.importorskip("paddle2onnx", reason="optional: pip install -e .[onnx]")
+    pytest.importorskip("onnxruntime", reason="optional: pip install -e .[onnx]")
+    from ppcls_ft.engine.export import export_dygraph, export_onnx_model
+    from ppcls_ft.models import build_model
+    model = build_model({"name": "ResNet18", "class_num": 3})
+    ops = [{"DecodeImage": {"to_rgb": True}}, {"ResizeImage": {"resize_short": 64}},
+           {"CropImage": {"size": 64}},
+           {"NormalizeImage": {"scale": 1 / 255, "mean": [0.5] * 3, "std": [0.5] * 3}}, {"ToCHWImage": None}]
+    out = export_dygraph(model, tmp_path / "m", [3, 64, 64], ops, ["a", "b", "c"], model_name="ResNet18")
+    assert export_onnx_model(out, [3, 64, 64]) < 1e-4
+    assert (out / "inference.onnx").stat().st_size > 1000

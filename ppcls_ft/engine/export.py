@@ -16,6 +16,7 @@ Weights are loaded strictly: PaddleClas's export "loads" any file (Paddle's ``se
 missing keys with a warning) and ships random weights.
 """
 import copy
+import os
 from pathlib import Path
 
 import numpy as np
@@ -195,6 +196,9 @@ def export_model_with_config(model, cfg, save_dir=None):
 
 
 def _require_onnx_tools():
+    # paddle2onnx's constant folding (polygraphy) otherwise pip-installs onnx_graphsurgeon at run
+    # time from an extra index; an export must not install packages behind the user's back.
+    os.environ.setdefault("POLYGRAPHY_AUTOINSTALL_DEPS", "0")
     missing = []
     for module in ("paddle2onnx", "onnxruntime"):
         try:
