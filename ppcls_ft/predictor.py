@@ -241,19 +241,7 @@ class Predictor:
 
     def postprocess(self, probs, file_names=None):
         """Top-k per row, PaddleClas result layout: class_ids, scores, label_names (+ file_name)."""
-        results = []
-        k = min(self.topk, probs.shape[1])
-        for i, row in enumerate(probs):
-            ids = np.argsort(-row, kind="stable")[:k]
-            res = {"class_ids": [int(c) for c in ids], "scores": [float(row[c]) for c in ids],
-                   "label_names": [self._label(c) for c in ids] if self.label_names else []}
-            if file_names is not None and file_names[i] is not None:
-                res["file_name"] = file_names[i]
-            results.append(res)
-        return results
-
-    def _label(self, class_id):
-        return str(self.label_names[class_id]) if class_id < len(self.label_names) else str(class_id)
+        return topk_results(probs, self.topk, self.label_names, file_names)
 
     def predict(self, images):
         """Classify one image or a list; returns one result dict per image, in order."""
@@ -331,6 +319,22 @@ def list_images(infer_imgs, where="Global.infer_imgs"):
     if not paths:
         raise ConfigError(where, f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {infer_imgs!r}")
     return paths
+
+
+def topk_results(probs, topk, label_names=None, file_names=None):
+    """Top-k per row of ``probs`` [N, K] in PaddleClas's result layout: class_ids, scores,
+    label_names (empty without names), file_name when given. Ties go to the lower class id."""
+    results = []
+    k = min(int(topk), probs.shape[1])
+    for i, row in enumerate(probs):
+        ids = np.argsort(-row, kind="stable")[:k]
+        res = {"class_ids": [int(c) for c in ids], "scores": [float(row[c]) for c in ids],
+               "label_names": [str(label_names[c]) if c < len(label_names) else str(c) for c in ids]
+               if label_names else []}
+        if file_names is not None and file_names[i] is not None:
+            res["file_name"] = file_names[i]
+        results.append(res)
+    return results
 
 
 def format_result(res):

@@ -3,9 +3,8 @@
 Each builder receives its own section plus explicit cross-section values (``class_num``,
 ``epochs``, ``steps_per_epoch``); nothing here mutates the config.
 """
-import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -49,7 +48,6 @@ class RunParts:
     strategy: Any = None
     update_freq: int = 1
     steps_per_epoch: int = 0
-    extras: dict = field(default_factory=dict)
 
 
 def seed_everything(seed):
@@ -131,8 +129,6 @@ def build_eval_parts(cfg, logger=None, pretrained_model=None):
 def _loss(cfg, mode):
     entries = (cfg.get("Loss") or {}).get(mode)
     if not entries:
-        if mode == "Train":
-            raise ConfigError("Loss.Train", "is required, e.g. [{CELoss: {weight: 1.0}}]")
         return None
     return build_loss(entries, path=f"Loss.{mode}")
 
@@ -181,7 +177,7 @@ def build_train_parts(cfg):
 
     model = build_model_for(cfg, logger)
     strategy = FineTuneStrategy.from_config(cfg.get("FineTune"), model, epochs)
-    train_loss = _with_class_weight(cfg, train_loader, class_num)
+    train_loss = _train_loss(cfg, train_loader, class_num)
 
     update_freq = int(glob.get("update_freq", 1))
     if update_freq < 1:
@@ -215,13 +211,9 @@ def build_train_parts(cfg):
                     update_freq=update_freq, steps_per_epoch=steps_per_epoch)
 
 
-def _with_class_weight(cfg, train_loader, class_num):
-    """``Loss.Train`` with ``CELoss.class_weight: auto`` resolved from the training label counts."""
+def _train_loss(cfg, train_loader, class_num):
+    """``Loss.Train``; the label counts resolve ``CELoss.class_weight: auto``."""
     if not (cfg.get("Loss") or {}).get("Train"):
-        return _loss(cfg, "Train")
+        raise ConfigError("Loss.Train", "is required, e.g. [{CELoss: {weight: 1.0}}]")
     counts = np.bincount(np.asarray(train_loader.dataset.labels), minlength=class_num).tolist()
     return build_loss(cfg["Loss"]["Train"], path="Loss.Train", class_counts=counts)
-
-
-def world_info():
-    return paddle.distributed.get_rank(), paddle.distributed.get_world_size(), os.getpid()

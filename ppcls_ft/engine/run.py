@@ -6,7 +6,7 @@ import paddle
 
 from ..data.transforms import build_transforms
 from ..errors import ConfigError
-from ..predictor import format_result, list_images, read_label_file
+from ..predictor import format_result, list_images, read_label_file, topk_results
 from ..utils.logger import format_values, get_logger
 from .builder import build_eval_parts, build_model_for, build_train_parts, class_num_of
 from .trainer import Trainer, evaluate
@@ -58,11 +58,7 @@ def infer(cfg):
         arrays = [transform.to_chw(f.read_bytes()) for f in chunk]
         with paddle.no_grad():
             probs = paddle.nn.functional.softmax(model(paddle.to_tensor(np.stack(arrays)))).numpy()
-        for f, prob in zip(chunk, probs):
-            ids = np.argsort(-prob, kind="stable")[:topk]
-            res = {"file_name": str(f), "class_ids": ids.tolist(),
-                   "scores": [round(float(prob[j]), 5) for j in ids],
-                   "label_names": [names[j] for j in ids] if names else [str(j) for j in ids]}
+        for res in topk_results(probs, topk, names, [str(f) for f in chunk]):
             results.append(res)
             print(format_result(res))
     return results
