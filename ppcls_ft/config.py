@@ -34,17 +34,17 @@ GLOBAL_SCHEMA = {
     "print_batch_step": (int,), "use_visualdl": (bool,), "image_shape": (list,),
     "save_inference_dir": (str,), "to_static": (bool,), "seed": (int, None),
     "update_freq": (int,), "class_num": (int,), "export_onnx": (bool,),
-    "cpu_threads": (int, None), "use_dali": (bool,),
+    "cpu_threads": (int, None), "use_dali": (bool,), "auto_resume": (bool,),
 }
 AMP_SCHEMA = {
     "use_amp": (bool,), "level": (str,), "scale_loss": NUMBER, "use_dynamic_loss_scaling": (bool,),
-    "use_promote": (bool,), "use_fp16_test": (bool,),
+    "use_promote": (bool,), "use_fp16_test": (bool,), "dtype": (str,),
 }
 EMA_SCHEMA = {"decay": NUMBER}
 # Our fine-tuning strategies (docs/finetuning.md). Each key is one knob.
 FINETUNE_SCHEMA = {
     "freeze_backbone_epochs": (int,), "unfreeze_lr_factor": NUMBER, "linear_probe": (bool,),
-    "layer_decay": (float, int, None),
+    "layer_decay": (float, int, None), "freeze_bn_stats": (bool,),
 }
 LOADER_SCHEMA = {"num_workers": (int,), "use_shared_memory": (bool,)}
 TOPK_SCHEMA = {"name": (str,), "topk": (int,), "class_id_map_file": (str, None)}

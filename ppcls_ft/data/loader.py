@@ -4,12 +4,16 @@ Section layout (PaddleClas): ``{dataset: {name, ...}, sampler: {name, batch_size
 loader: {num_workers, use_shared_memory}}``. ``dataset.batch_transform_ops`` is ignored here:
 batch operators run in the train step, build them with ``batch_ops.build_batch_op``.
 
-Reproducible augmentation: the batch sampler is wrapped so that each index travels with its
-position in the epoch, and the dataset wrapper reseeds python ``random`` and numpy's global RNG
-from (seed, epoch, position) before each item. The result is the same whichever worker
-process handles the item, so ``num_workers=0`` and ``num_workers=2`` give identical batches.
-``worker_init_fn`` additionally seeds each worker from (seed, epoch, worker_id) and, with no
+Reproducible augmentation (seeds from ``utils.seeding``: seed -> rank -> epoch -> stream): the
+batch sampler is wrapped so that each index travels with its position in this rank's epoch, and
+the dataset wrapper reseeds python ``random`` and numpy's global RNG from (seed, rank, epoch,
+position) before each item. The result is the same whichever worker process handles the item,
+so ``num_workers=0`` and ``num_workers=2`` give identical batches, and every rank draws its own.
+``worker_init_fn`` additionally seeds each worker from (seed, rank, epoch, worker) and, with no
 workers, ``set_epoch`` seeds the main process, covering randomness outside ``__getitem__``.
+
+Evaluation loaders (mode eval/test/infer) shard the dataset across ranks without padding, so a
+multi-device eval counts every image exactly once (``samplers.EvalShardSampler``).
 """
 import inspect
 import random
@@ -19,29 +23,22 @@ import paddle
 
 from ..errors import ConfigError
 from ..registry import DATASETS, SAMPLERS
+from ..utils.seeding import ITEM, WORKER, derive, seed_globals
 from .dataset import collate_skip_none
+from .samplers import EvalShardSampler, world
 
 _MODES = ("train", "eval", "test", "infer")
 _SECTION_KEYS = ("dataset", "sampler", "loader")
 _LOADER_KEYS = {"num_workers": int, "use_shared_memory": bool}
 
 
-def _seed_of(*parts):
-    """A 32-bit seed from integers, well mixed (SeedSequence), so nearby inputs differ."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
-def _seed_globals(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-
-
 class _SeededBatches:
     """Wraps a batch sampler; yields ``[(index, item_seed), ...]`` and forwards ``set_epoch``."""
 
-    def __init__(self, batch_sampler, seed):
+    def __init__(self, batch_sampler, seed, rank=0):
         self.batch_sampler = batch_sampler
         self.seed = int(seed)
+        self.rank = int(rank)
         self.epoch = 0
 
     def set_epoch(self, epoch):
@@ -54,7 +51,7 @@ class _SeededBatches:
         for batch in self.batch_sampler:
             keys = []
             for idx in batch:
-                keys.append((int(idx), _seed_of(self.seed, self.epoch, pos)))
+                keys.append((int(idx), derive(self.seed, self.rank, self.epoch, ITEM, pos)))
                 pos += 1
             yield keys
 
@@ -87,7 +84,7 @@ class _SeededDataset(paddle.io.Dataset):
         idx, seed = key
         py_state, np_state = random.getstate(), np.random.get_state()
         try:
-            _seed_globals(seed)
+            seed_globals(seed)
             return self.dataset[idx]
         finally:
             random.setstate(py_state)
@@ -100,14 +97,15 @@ class _SeededDataset(paddle.io.Dataset):
 
 
 class _WorkerInit:
-    """``worker_init_fn``: seeds each worker from (seed, epoch, worker_id)."""
+    """``worker_init_fn``: seeds each worker from (seed, rank, epoch, worker_id + 1)."""
 
-    def __init__(self, seed):
+    def __init__(self, seed, rank=0):
         self.seed = int(seed)
+        self.rank = int(rank)
         self.epoch = 0
 
     def __call__(self, worker_id):
-        _seed_globals(_seed_of(self.seed, self.epoch, worker_id + 1))
+        seed_globals(derive(self.seed, self.rank, self.epoch, WORKER, worker_id + 1))
 
 
 def _accepted_extras(fn, **candidates):
@@ -144,11 +142,16 @@ def _build_sampler(cfg, dataset, mode, seed, path):
     if "seed" not in cfg:
         extras.update(_accepted_extras(fn, seed=seed))
     try:
-        return SAMPLERS.build(name, cfg, path, **extras)
+        sampler = SAMPLERS.build(name, cfg, path, **extras)
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:
         raise ConfigError(path, str(e)) from e
+    if mode != "train":
+        # Paddle's DistributedBatchSampler pads every rank to the same length with repeated
+        # images, which a multi-device eval would count twice; evaluation shards exactly.
+        return EvalShardSampler(len(dataset), sampler.batch_size)
+    return sampler
 
 
 def _loader_options(cfg, path):
@@ -187,10 +190,11 @@ def build_dataloader(section: dict, mode: str, *, seed: int = 0, class_num=None,
     dataset = _build_dataset(section["dataset"], class_num, f"{path}.dataset")
     sampler = _build_sampler(section.get("sampler"), dataset, mode, seed, f"{path}.sampler")
     workers, shared_mem = _loader_options(section.get("loader"), f"{path}.loader")
+    rank = world()[1]
     loader = paddle.io.DataLoader(
-        _SeededDataset(dataset), batch_sampler=_SeededBatches(sampler, seed),
+        _SeededDataset(dataset), batch_sampler=_SeededBatches(sampler, seed, rank),
         collate_fn=collate_skip_none, num_workers=workers, use_shared_memory=shared_mem,
-        worker_init_fn=_WorkerInit(seed), return_list=True)
+        worker_init_fn=_WorkerInit(seed, rank), return_list=True)
     set_epoch(loader, 0)
     return loader
 
@@ -202,4 +206,4 @@ def set_epoch(loader, epoch: int):
     if isinstance(init, _WorkerInit):
         init.epoch = int(epoch)
         if loader.num_workers == 0:  # no workers: seed this process for the epoch
-            _seed_globals(_seed_of(init.seed, init.epoch, 0))
+            seed_globals(derive(init.seed, init.rank, init.epoch, WORKER, 0))

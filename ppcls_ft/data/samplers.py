@@ -27,7 +27,8 @@ def DistributedBatchSampler(dataset, batch_size: int, shuffle: bool = False,
                                              drop_last=drop_last)
 
 
-def _world():
+def world():
+    """(world size, rank) of this process; (1, 0) outside a launched multi-process run."""
     try:
         return paddle.distributed.get_world_size(), paddle.distributed.get_rank()
     except Exception:  # not initialised: single process
@@ -57,8 +58,8 @@ class ClassBalancedSampler:
         counts = np.bincount(labels)
         weights = 1.0 / counts[labels]
         self.probs = weights / weights.sum()
-        world, my_rank = _world()
-        self.nranks = int(num_replicas) if num_replicas is not None else world
+        world_n, my_rank = world()
+        self.nranks = int(num_replicas) if num_replicas is not None else world_n
         self.local_rank = int(rank) if rank is not None else my_rank
         self.dataset = dataset
         self.batch_size = batch_size
@@ -88,3 +89,31 @@ class ClassBalancedSampler:
         if self.drop_last:
             return self.num_samples // self.batch_size
         return math.ceil(self.num_samples / self.batch_size)
+
+
+class EvalShardSampler:
+    """Evaluation batches: every index exactly once across ranks, no padding, no shuffling.
+
+    Rank ``r`` of ``W`` takes indices ``r, r + W, r + 2W, ...``; ranks may get a different number
+    of batches, which is fine for evaluation (nothing is synchronised per batch) and is what makes
+    a multi-device eval equal a one-process eval. Used for every non-train loader.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, num_replicas: Optional[int] = None,
+                 rank: Optional[int] = None):
+        world_n, my_rank = world()
+        self.nranks = int(num_replicas) if num_replicas is not None else world_n
+        self.local_rank = int(rank) if rank is not None else my_rank
+        self.indices = list(range(self.local_rank, int(num_samples), self.nranks))
+        self.batch_size = int(batch_size)
+        self.drop_last = False
+
+    def set_epoch(self, epoch: int):
+        pass  # the order is fixed
+
+    def __iter__(self):
+        for start in range(0, len(self.indices), self.batch_size):
+            yield self.indices[start:start + self.batch_size]
+
+    def __len__(self):
+        return math.ceil(len(self.indices) / self.batch_size)

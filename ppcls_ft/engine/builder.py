@@ -6,7 +6,7 @@ Each builder receives its own section plus explicit cross-section values (``clas
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import paddle
@@ -19,9 +19,12 @@ from ..losses import build_loss
 from ..metrics import build_metrics
 from ..models import build_model, load_pretrained
 from ..optim import build_lr_scheduler, build_optimizer
+from ..optim.optimizer import materialize_accumulators
 from ..optim.ema import ModelEMA
+from ..utils import distributed as dist
 from ..utils.device import setup_device
 from ..utils.logger import ScalarWriter, get_logger
+from .amp import AmpPolicy, amp_policy
 from .strategies import FineTuneStrategy
 
 
@@ -39,8 +42,8 @@ class RunParts:
     batch_op: Any = None
     lr_scheduler: Any = None
     optimizer: Any = None
+    amp: AmpPolicy = None
     scaler: Any = None
-    amp_level: Optional[str] = None
     ema: Any = None
     train_metrics: Any = None
     eval_metrics: Any = None
@@ -51,7 +54,8 @@ class RunParts:
 
 
 def seed_everything(seed):
-    """Seed Python, numpy and Paddle; the loop re-seeds per epoch from (seed, epoch)."""
+    """Seed Python, numpy and Paddle alike on every rank, so that model construction (a new
+    classifier head) is identical everywhere; the loop re-seeds per (rank, epoch)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     paddle.seed(seed)
@@ -88,33 +92,11 @@ def build_model_for(cfg, logger, pretrained_model=None, for_training=True):
     return model
 
 
-def amp_settings(cfg, device, logger=None):
-    """(enabled, level, scaler kwargs). The section's presence turns AMP on, as in PaddleClas.
-
-    On the CPU, AMP is refused (fp16/bf16 autocast is slower than fp32 on this path and not
-    numerically validated here): the run continues in fp32 and says so, so that the PaddleClas
-    configs (written for GPUs, some with use_amp: True) still run unchanged.
-    """
-    amp = cfg.get("AMP")
-    if amp is None or not amp.get("use_amp", True):
-        return False, None, {}
-    level = str(amp.get("level", "O1")).upper()
-    if level not in ("O1", "O2"):
-        raise ConfigError("AMP.level", f"must be O1 or O2, got {amp.get('level')!r}")
-    if device != "gpu":
-        if logger is not None:
-            logger.warning("AMP.use_amp is True but mixed precision needs a GPU; training in fp32 on "
-                           "the CPU (set AMP.use_amp: False to silence this)")
-        return False, None, {}
-    scaler = {"init_loss_scaling": float(amp.get("scale_loss", 1.0)),
-              "use_dynamic_loss_scaling": bool(amp.get("use_dynamic_loss_scaling", False))}
-    return True, level, scaler
-
-
 def build_eval_parts(cfg, logger=None, pretrained_model=None):
     """Model + eval loader + eval loss/metrics for ``tools/eval.py``."""
     glob = global_cfg(cfg)
-    logger = logger or get_logger(None)
+    dist.init()  # launched on several devices, each evaluates a shard
+    logger = logger or get_logger(None, rank=dist.rank())
     device, _ = setup_device(glob.get("device", "cpu"), glob.get("cpu_threads"), logger)
     seed_everything(int(glob.get("seed") or 0))
     model = build_model_for(cfg, logger, pretrained_model, for_training=False)
@@ -122,8 +104,10 @@ def build_eval_parts(cfg, logger=None, pretrained_model=None):
     loader = _eval_loader(cfg, class_num, int(glob.get("seed") or 0))
     if loader is None:
         raise ConfigError("DataLoader.Eval", "is required to evaluate")
+    amp = amp_policy(cfg.get("AMP"), device)
+    model, _ = amp.decorate(model, None)
     return RunParts(cfg=cfg, logger=logger, device=device, model=model, eval_loader=loader,
-                    eval_loss=_loss(cfg, "Eval"), eval_metrics=_metrics(cfg, "Eval"))
+                    eval_loss=_loss(cfg, "Eval"), eval_metrics=_metrics(cfg, "Eval"), amp=amp)
 
 
 def _loss(cfg, mode):
@@ -149,7 +133,8 @@ def build_train_parts(cfg):
     """Everything for ``tools/train.py``: seed/device, data, model, loss, batch op, lr+optimizer,
     AMP/EMA, metrics, writer. Resume is done by the Trainer (it owns the loop state)."""
     glob = global_cfg(cfg)
-    rank = paddle.distributed.get_rank()
+    dist.init()
+    rank = dist.rank()
     out_dir = Path(glob.get("output_dir", "./output"))
     logger = get_logger(out_dir, rank=rank)
     device, _ = setup_device(glob.get("device", "cpu"), glob.get("cpu_threads"), logger)
@@ -176,6 +161,7 @@ def build_train_parts(cfg):
                               path="DataLoader.Train.dataset.batch_transform_ops")
 
     model = build_model_for(cfg, logger)
+    model = _maybe_sync_bn(model, cfg, device, logger)
     strategy = FineTuneStrategy.from_config(cfg.get("FineTune"), model, epochs)
     train_loss = _train_loss(cfg, train_loader, class_num)
 
@@ -194,19 +180,20 @@ def build_train_parts(cfg):
     optimizer = build_optimizer(opt_cfg, model, lr_scheduler, path="Optimizer",
                                 layer_decay=strategy.layer_decay)
 
-    use_amp, level, scaler_kw = amp_settings(cfg, device, logger)
-    scaler = paddle.amp.GradScaler(**scaler_kw) if use_amp else None
-    if use_amp and level == "O2":
-        model, optimizer = paddle.amp.decorate(models=model, optimizers=optimizer, level="O2")
+    amp = amp_policy(cfg.get("AMP"), device)
+    if amp.note:
+        (logger.info if amp.enabled else logger.warning)(amp.note)
+    model, optimizer = amp.decorate(model, optimizer)
+    materialize_accumulators(optimizer)  # so a checkpoint taken while frozen resumes past the unfreeze
     ema = ModelEMA(model, decay=float(cfg["EMA"].get("decay", 0.9999))) if cfg.get("EMA") is not None else None
-    if paddle.distributed.get_world_size() > 1:
-        paddle.distributed.init_parallel_env()
-        model = paddle.DataParallel(model)
+    _log_batch_sizes(logger, train_section, update_freq)
+    # The model stays unwrapped here: the Trainer wraps it in paddle.DataParallel when launched on
+    # several devices, and again whenever the fine-tuning strategy changes what trains.
     writer = ScalarWriter(out_dir / "vdl", enabled=bool(glob.get("use_visualdl", False)), rank=rank)
     return RunParts(cfg=cfg, logger=logger, device=device, model=model, train_loader=train_loader,
                     eval_loader=eval_loader, train_loss=train_loss, eval_loss=_loss(cfg, "Eval"),
-                    batch_op=batch_op, lr_scheduler=lr_scheduler, optimizer=optimizer, scaler=scaler,
-                    amp_level=level, ema=ema, train_metrics=_metrics(cfg, "Train"),
+                    batch_op=batch_op, lr_scheduler=lr_scheduler, optimizer=optimizer, amp=amp,
+                    scaler=amp.make_scaler(), ema=ema, train_metrics=_metrics(cfg, "Train"),
                     eval_metrics=_metrics(cfg, "Eval"), writer=writer, strategy=strategy,
                     update_freq=update_freq, steps_per_epoch=steps_per_epoch)
 
@@ -217,3 +204,25 @@ def _train_loss(cfg, train_loader, class_num):
         raise ConfigError("Loss.Train", "is required, e.g. [{CELoss: {weight: 1.0}}]")
     counts = np.bincount(np.asarray(train_loader.dataset.labels), minlength=class_num).tolist()
     return build_loss(cfg["Loss"]["Train"], path="Loss.Train", class_counts=counts)
+
+
+def _log_batch_sizes(logger, train_section, update_freq):
+    """One line users check first on a multi-device run: who is where, and the real batch."""
+    per_device = int((train_section.get("sampler") or {}).get("batch_size", 0))
+    world = dist.world_size()
+    logger.info(f"world size {world} (this is rank {dist.rank()}): batch {per_device} per device, "
+                f"{per_device * world} global per iteration, {per_device * world * update_freq} "
+                f"per optimizer step (Global.update_freq {update_freq})")
+
+
+def _maybe_sync_bn(model, cfg, device, logger):
+    """``Arch.use_sync_bn`` (PaddleClas): convert batch norm to SyncBatchNorm on multi-GPU runs."""
+    if not cfg["Arch"].get("use_sync_bn"):
+        return model
+    if device != "gpu" or dist.world_size() < 2:
+        logger.warning("Arch.use_sync_bn has no effect here: it needs 2+ GPUs (Paddle has no CPU "
+                       "sync_batch_norm kernel); batch norm stays per device, and its running "
+                       "statistics are averaged across devices after every epoch")
+        return model
+    logger.info("Arch.use_sync_bn: batch norm synchronised across devices (SyncBatchNorm)")
+    return paddle.nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -9,7 +9,8 @@ from ..errors import ConfigError
 from ..predictor import format_result, list_images, read_label_file, topk_results
 from ..utils.logger import format_values, get_logger
 from .builder import build_eval_parts, build_model_for, build_train_parts, class_num_of
-from .trainer import Trainer, evaluate
+from .evaluate import evaluate
+from .trainer import Trainer
 
 def train(cfg):
     """Train (or resume) per ``cfg``; returns the results dict also written to train_results.json."""
@@ -31,7 +32,8 @@ def evaluate_config(cfg):
         raise ConfigError("Global.pretrained_model", "is required to evaluate (the weights to test)")
     parts = build_eval_parts(cfg)
     result = evaluate(parts, parts.model)
-    parts.logger.info(f"[Eval][Avg]{format_values(result)}")
+    images = result.pop("images")
+    parts.logger.info(f"[Eval][Avg]{format_values(result)} ({images} images)")
     return result
 
 

@@ -6,6 +6,7 @@ FineTune:
   freeze_backbone_epochs: 2     # epochs 1..2 train the head only, then the whole network
   unfreeze_lr_factor: 0.1       # after unfreezing, backbone lr = factor x scheduled lr
   layer_decay: 0.75             # layer-wise lr decay: lr x decay^(depth from the head)
+  freeze_bn_stats: False        # every batch norm uses and keeps its pretrained statistics
 ```
 
 Why: a randomly initialised head sends large gradients into pretrained features; training the head
@@ -13,6 +14,10 @@ first and then the backbone at a lower rate keeps more of what pretraining learn
 2022, "Fine-Tuning can Distort Pretrained Features"). Freezing is done with ``stop_gradient`` on
 the backbone parameters (Paddle skips them in the optimizer and in backward), and the backbone's
 batch-norm layers are held in eval mode so their running statistics stay the pretrained ones.
+
+``freeze_bn_stats`` holds *every* batch norm in eval mode while its scale and shift still train
+(mmpretrain's ``norm_eval``): with a few images per device the batch statistics are noise, and
+it makes a step depend on each image alone, so N devices x batch B equal one device x N*B.
 """
 from ..errors import ConfigError
 
@@ -31,7 +36,7 @@ class FineTuneStrategy:
     """Decides, per epoch, which parameters train and at what relative learning rate."""
 
     def __init__(self, linear_probe=False, freeze_backbone_epochs=0, unfreeze_lr_factor=1.0,
-                 layer_decay=None, epochs=1):
+                 layer_decay=None, freeze_bn_stats=False, epochs=1):
         if linear_probe and freeze_backbone_epochs:
             raise ConfigError("FineTune", "set either linear_probe or freeze_backbone_epochs, not both")
         if freeze_backbone_epochs and freeze_backbone_epochs >= epochs:
@@ -46,6 +51,7 @@ class FineTuneStrategy:
         self.freeze_backbone_epochs = int(freeze_backbone_epochs or 0)
         self.unfreeze_lr_factor = float(unfreeze_lr_factor)
         self.layer_decay = None if layer_decay is None else float(layer_decay)
+        self.freeze_bn_stats = bool(freeze_bn_stats)
         self.frozen = False
         self._factor_applied = False
         self._trainable = None
@@ -59,7 +65,16 @@ class FineTuneStrategy:
     def active(self):
         return self.linear_probe or self.freeze_backbone_epochs > 0
 
+    def state_dict(self):
+        """What the strategy has done so far; ``begin_epoch`` re-derives it from the epoch, so
+        this is recorded for the checkpoint's reader and checked on resume."""
+        return {"frozen": self.frozen, "unfreeze_lr_applied": self._factor_applied}
+
     def describe(self):
+        parts = [self._describe(), "batch-norm statistics frozen" if self.freeze_bn_stats else ""]
+        return "; ".join(p for p in parts if p)
+
+    def _describe(self):
         if self.linear_probe:
             return "linear probe: only the classifier trains, backbone and its BN statistics frozen"
         if self.freeze_backbone_epochs:
@@ -101,11 +116,11 @@ class FineTuneStrategy:
             attr["learning_rate"] = attr.get("learning_rate", 1.0) * factor
 
     def train_mode(self, model):
-        """``model.train()``, except frozen-backbone norm layers stay in eval mode."""
+        """``model.train()``, except frozen norm layers stay in eval mode."""
         model.train()
-        if not self.frozen:
+        if not (self.frozen or self.freeze_bn_stats):
             return
         inner = unwrap(model)
         for name, layer in inner.named_sublayers():
-            if _is_norm(layer) and not inner.is_classifier_key(name + "."):
+            if _is_norm(layer) and (self.freeze_bn_stats or not inner.is_classifier_key(name + ".")):
                 layer.eval()

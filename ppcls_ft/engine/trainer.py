@@ -1,42 +1,44 @@
 """The training loop, read top to bottom: epochs -> steps -> evaluation -> checkpoints -> verdict.
 
-Determinism: every epoch re-seeds Python, numpy, Paddle, the augmentation workers and the batch
-operator from ``(Global.seed, epoch)``. A run resumed from ``epoch_N`` therefore replays exactly
-the random draws of the uninterrupted run from epoch N+1 on (tests/test_trainer.py checks it).
+Determinism: every random draw derives from one seed tree (``utils.seeding``: seed -> rank ->
+epoch -> stream). A run resumed from ``epoch_N`` replays exactly the draws of the uninterrupted
+run from epoch N+1 on, and every rank of a multi-device run draws its own.
+
+Several devices (``paddle.distributed.launch``): after each forward pass the ranks agree, in one
+small all-reduce, on the global loss, the image count and whether any rank saw a non-finite loss
+or a batch with no readable image. A NaN on one rank therefore stops every rank with the same
+message, and an empty batch is skipped by all, instead of leaving the others waiting forever in
+the gradient all-reduce. Micro-steps of ``Global.update_freq`` skip that all-reduce (``no_sync``).
 """
+import contextlib
 import json
 import math
 import os
-import random
 import time
 
 import numpy as np
 import paddle
 
 from ..data.loader import set_epoch
+from ..utils import distributed as dist
 from ..utils.logger import format_eta, format_values
-from .checkpoint import load_checkpoint, save_checkpoint, to_tensors
+from ..utils.seeding import BATCH_OP, SeedTree
+from ..models._builder import load_state_exact
+from .checkpoint import build_states, float32_state, read_checkpoint, save_checkpoint, to_tensors
 from .diagnosis import diagnose, format_diagnosis
+from .evaluate import Average, evaluate
 from .strategies import unwrap
+from .train_state import TrainState, check_compatible
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; the run stopped before the bad step touched the weights."""
 
 
-class Average:
-    """Sample-weighted running mean."""
-
-    def __init__(self):
-        self.total, self.count = 0.0, 0
-
-    def add(self, value, n=1):
-        self.total += float(value) * n
-        self.count += n
-
-    @property
-    def mean(self):
-        return self.total / self.count if self.count else None
+def _ranks(mask):
+    """Ranks set in a bit mask summed over ranks (rank r contributes 2**r)."""
+    mask = int(round(mask))
+    return [r for r in range(mask.bit_length()) if mask >> r & 1]
 
 
 class Trainer:
@@ -47,56 +49,91 @@ class Trainer:
         self.glob = glob
         self.log = parts.logger
         self.epochs = int(glob.get("epochs", 1))
-        self.seed = int(glob.get("seed") or 0)
         self.output_dir = str(glob.get("output_dir", "./output"))
         self.print_every = max(1, int(glob.get("print_batch_step", 10)))
-        self.rank = paddle.distributed.get_rank()
-        self.epoch = 0          # last completed epoch
-        self.global_step = 0    # optimizer steps taken
-        self.best_top1, self.best_epoch = -1.0, None
-        self.history = []
+        self.save_interval = int(glob.get("save_interval", 1))  # 0: no epoch_N files (PaddleClas)
+        self.rank = dist.rank()
+        self.state = TrainState(seed=int(glob.get("seed") or 0))
+        self.inner = unwrap(parts.model)   # what is evaluated, saved and EMA-averaged
+        self.model = self.inner            # what trains: paddle.DataParallel(inner) on 2+ devices
+        self._reduced = None               # the trainable parameters the reducer was built for
+        self._retired = []                 # earlier DataParallel wrappers (see _wrap)
+        self._pending = False              # a backward ran since the last optimizer step
+        self._loss_keys = self._probe_loss_keys()
         if parts.batch_op is not None:
             self.log.info("train top-k is not reported: the batch operator mixes labels, so accuracy "
                           "against one label is meaningless (eval top-k is unaffected)")
 
+    # Read-only views kept for callers of the first release (tests, notebooks).
+    epoch = property(lambda self: self.state.epoch)
+    best_top1 = property(lambda self: self.state.best_top1)
+    history = property(lambda self: self.state.history)
+
+    def _probe_loss_keys(self):
+        """The names the train loss returns, known on every rank before any batch (an empty
+        first batch on one rank must still contribute a vector of the same length)."""
+        k = self.inner.class_num
+        with paddle.no_grad():
+            out = self.p.train_loss(paddle.zeros([1, k], "float32"), paddle.zeros([1], "int64"))
+        return list(out)
+
     # ------------------------------------------------------------------ loop
     def fit(self):
-        if self.glob.get("checkpoints"):
-            self.resume(self.glob["checkpoints"])
-        if self.p.strategy.active:
-            self.log.info(f"fine-tuning strategy: {self.p.strategy.describe()}")
+        prefix = self.resume_source()
+        if prefix:
+            self.resume(prefix)
+        strategy = self.p.strategy
+        if strategy.active or strategy.freeze_bn_stats:
+            self.log.info(f"fine-tuning strategy: {strategy.describe()}")
         diverged_at = None
         try:
-            for epoch in range(self.epoch + 1, self.epochs + 1):
+            for epoch in range(self.state.epoch + 1, self.epochs + 1):
                 record = self.train_epoch(epoch)
+                self.sync_running_stats()
                 record.update(self.maybe_evaluate(epoch))
-                self.history.append(record)
-                self.epoch = epoch
+                self.state.history.append(record)
+                self.state.epoch = epoch
                 self.save_epoch(epoch, record)
         except TrainingDiverged as exc:
             diverged_at = str(exc)
             self.log.error(f"training stopped: {exc}. Nothing was saved after the last good epoch.")
-        verdict = diagnose(self.history, diverged_at)
+        verdict = diagnose(self.state.history, diverged_at)
         self.write_results(verdict, diverged_at)
         self.log.info(format_diagnosis(verdict))
         if self.p.writer is not None:
             self.p.writer.close()
-        return {"history": self.history, "best_top1": self.best_top1, "best_epoch": self.best_epoch,
+        st = self.state
+        return {"history": st.history, "best_top1": st.best_top1, "best_epoch": st.best_epoch,
                 "diagnosis": verdict, "diverged_at": diverged_at}
 
     def reseed(self, epoch):
-        s = self.seed * 1000 + epoch
-        random.seed(s)
-        np.random.seed(s % 2**32)
-        paddle.seed(s)
+        tree, rank = SeedTree(self.state.seed), self.rank
+        tree.seed_process(rank, epoch)
         if self.p.batch_op is not None:
-            self.p.batch_op.seed(s)
+            self.p.batch_op.seed(tree.epoch_seed(rank, epoch, BATCH_OP))
         set_epoch(self.p.train_loader, epoch)
+
+    def _wrap(self):
+        """(Re)build DataParallel when what trains changed: its reducer only knows the
+        parameters trainable when it was built (freeze-then-unfreeze changes them).
+
+        The replaced wrapper is kept alive: its reducer's hooks stay attached to the parameters
+        it knew, and freeing it makes the next backward crash (measured: SIGSEGV in
+        ``EagerReducer::AddDistHook``). Idle, those hooks return at once; it costs the gradient
+        buffers of the parameters it knew, once per freeze/unfreeze change.
+        """
+        trainable = tuple(id(q) for q in self.inner.parameters() if not q.stop_gradient)
+        if dist.world_size() > 1 and trainable != self._reduced:
+            if self.model is not self.inner:
+                self._retired.append(self.model)
+            self.model = dist.wrap(self.inner)
+            self._reduced = trainable
 
     def train_epoch(self, epoch):
         p = self.p
-        p.strategy.begin_epoch(p.model, epoch, self.log)
-        p.strategy.train_mode(p.model)
+        p.strategy.begin_epoch(self.inner, epoch, self.log)
+        self._wrap()
+        p.strategy.train_mode(self.model)
         self.reseed(epoch)
         if p.train_metrics is not None:
             p.train_metrics.reset()
@@ -109,13 +146,10 @@ class Trainer:
                 break
             skipped += int(np.asarray(n_skipped).sum())
             reader_t.add(time.time() - tic)
-            n = int(images.shape[0])
-            if n == 0:
-                continue
-            losses = self.train_step(images, labels, it, epoch)
+            losses, n_global = self.train_step(images, labels, it, epoch)
             for k, v in losses.items():
-                avgs.setdefault(k, Average()).add(v, n)
-            seen += n
+                avgs.setdefault(k, Average()).add(v, n_global)
+            seen += int(images.shape[0])
             batch_t.add(time.time() - tic)
             if it % self.print_every == 0 or it == iters:
                 self.log_step(epoch, it, iters, avgs, batch_t, reader_t, seen)
@@ -133,37 +167,72 @@ class Trainer:
         return record
 
     def train_step(self, images, labels, it, epoch):
-        """Batch op, autocast, forward, loss, backward, step on accumulation boundaries, lr, EMA."""
+        """Batch op, autocast, forward, loss, agree, backward, step on accumulation boundaries.
+
+        Returns ``(loss means over every rank's images, their count)``; ``({}, 0)`` when skipped.
+        """
         p = self.p
-        targets = labels
-        if p.batch_op is not None:
-            images, targets = p.batch_op(images, labels)
-        with paddle.amp.auto_cast(enable=p.scaler is not None, level=p.amp_level or "O1"):
-            logits = p.model(images)
+        n = int(images.shape[0])
+        boundary = it % p.update_freq == 0
+        where = f"epoch {epoch}, iteration {it}, optimizer step {self.state.global_step + 1}"
+        # Agree on skipping *before* the forward pass: a DataParallel forward arms the gradient
+        # all-reduce of the next backward, so a rank must not run one that others skip.
+        empty = _ranks(dist.all_sum([0.0 if n else 2.0 ** self.rank])[0])
+        if empty:
+            if dist.world_size() > 1:
+                self.log.warning(f"{where}: rank {', '.join(map(str, empty))} had no readable image "
+                                 "in its batch; every rank skips this batch")
+            if boundary and self._pending:  # the backward that would have synced did not run
+                dist.sync_grads_(q for q in self.inner.parameters() if not q.stop_gradient)
+                self._optimizer_step()
+            return {}, 0
+        micro = not boundary and self.model is not self.inner
+        with self.model.no_sync() if micro else contextlib.nullcontext():
+            targets = labels
+            if p.batch_op is not None:
+                images, targets = p.batch_op(images, labels)
+            with p.amp.autocast():
+                logits = self.model(images)
+            logits = logits.astype("float32")  # loss and metrics in fp32 under AMP
             losses = p.train_loss(logits, targets)
-        loss = losses["loss"]
-        value = float(loss)
-        if not math.isfinite(value):
-            raise TrainingDiverged(f"epoch {epoch}, iteration {it}, optimizer step "
-                                   f"{self.global_step + 1}: loss is {value}")
-        scaled = loss / p.update_freq
-        (p.scaler.scale(scaled) if p.scaler else scaled).backward()
-        if it % p.update_freq == 0:
-            if p.scaler:
-                p.scaler.step(p.optimizer)
-                p.scaler.update()
-            else:
-                p.optimizer.step()
-            p.optimizer.clear_grad()
-            p.lr_scheduler.step()
-            self.global_step += 1
-            if p.ema is not None:
-                p.ema.update(unwrap(p.model))
+            means, count = self._agree(losses, n, where)
+            scaled = losses["loss"] / p.update_freq
+            (p.scaler.scale(scaled) if p.scaler else scaled).backward()
+        self._pending = True
+        if boundary:
+            self._optimizer_step()
         if p.train_metrics is not None and p.batch_op is None:
             p.train_metrics.update(logits.detach(), labels)
-        out = {k: float(v) for k, v in losses.items() if k != "loss"}
-        out["loss"] = value
-        return out
+        return means, count
+
+    def _agree(self, losses, n, where):
+        """One all-reduce: the global loss sums and image count, and which ranks saw a NaN."""
+        keys = self._loss_keys
+        values = [float(losses[k]) for k in keys]
+        bad = not all(math.isfinite(v) for v in values)
+        local = [n, 2.0 ** self.rank if bad else 0.0] + [0.0 if bad else v * n for v in values]
+        total = dist.all_sum(local)
+        nonfinite = _ranks(total[1])
+        if nonfinite:
+            on = f" on rank {', '.join(map(str, nonfinite))}" if dist.world_size() > 1 else ""
+            shown = values[keys.index("loss")] if bad else "nan"
+            raise TrainingDiverged(f"{where}: loss is not finite{on} ({shown})")
+        count = int(total[0])
+        return {k: total[2 + i] / count for i, k in enumerate(keys)}, count
+
+    def _optimizer_step(self):
+        p = self.p
+        if p.scaler:
+            p.scaler.step(p.optimizer)
+            p.scaler.update()
+        else:
+            p.optimizer.step()
+        p.optimizer.clear_grad()
+        p.lr_scheduler.step()
+        self._pending = False
+        self.state.global_step += 1
+        if p.ema is not None:
+            p.ema.update(self.inner)
 
     def train_topk(self):
         if self.p.train_metrics is None or self.p.batch_op is not None:
@@ -175,7 +244,7 @@ class Trainer:
 
     def log_step(self, epoch, it, iters, avgs, batch_t, reader_t, seen):
         values = {k: a.mean for k, a in avgs.items()} | self.train_topk()
-        ips = seen / max(batch_t.total, 1e-9)  # images/s over the epoch so far
+        ips = seen / max(batch_t.total, 1e-9)  # this device's images/s over the epoch so far
         remaining = (self.epochs - epoch) * iters + (iters - it)
         self.log.info(
             f"[Train][Epoch {epoch}/{self.epochs}][Iter: {it}/{iters}]lr: {self.current_lr():.8f}, "
@@ -188,6 +257,18 @@ class Trainer:
                                       | values, step, prefix="train_")
 
     # ------------------------------------------------------------ evaluation
+    def sync_running_stats(self):
+        """Average batch-norm running statistics over ranks (each saw its own shard), so every
+        rank evaluates, and rank 0 saves, the same function."""
+        if dist.world_size() < 2:
+            return
+        from ..optim.ema import running_stat_names
+        names = running_stat_names(self.inner)
+        state = self.inner.state_dict(use_hook=False)
+        dist.average_(state[k] for k in sorted(names))
+        if self.p.ema is not None:
+            dist.average_(self.p.ema.shadow[k] for k in sorted(names))
+
     def maybe_evaluate(self, epoch):
         g = self.glob
         due = (g.get("eval_during_train", True) and self.p.eval_loader is not None
@@ -195,107 +276,96 @@ class Trainer:
                and (epoch % int(g.get("eval_interval", 1)) == 0 or epoch == self.epochs))
         if not due:
             return {}
-        result = {f"eval_{k}": v for k, v in evaluate(self.p, self.p.model).items()}
+        metrics = evaluate(self.p, self.inner)
+        images = metrics.pop("images")
+        result = {f"eval_{k}": v for k, v in metrics.items()}
         if self.p.ema is not None:
-            with self.p.ema.apply_to(unwrap(self.p.model)):
-                result.update({f"eval_ema_{k}": v for k, v in evaluate(self.p, self.p.model).items()})
-        self.log.info(f"[Eval][Epoch {epoch}][Avg]{format_values({k[5:]: v for k, v in result.items()})}")
+            with self.p.ema.apply_to(self.inner):
+                ema = evaluate(self.p, self.inner)
+            ema.pop("images")
+            result.update({f"eval_ema_{k}": v for k, v in ema.items()})
+        self.log.info(f"[Eval][Epoch {epoch}][Avg]{format_values({k[5:]: v for k, v in result.items()})}"
+                      f" ({images} images)")
         if self.p.writer is not None:
             self.p.writer.add_scalars(result, epoch)
-        return result
+        return result | {"eval_images": images}
 
     # ----------------------------------------------------------- checkpoints
-    def states(self):
-        p = self.p
-        return {"epoch": self.epoch, "global_step": self.global_step, "metric": self.best_top1,
-                "best_top1": self.best_top1, "best_epoch": self.best_epoch, "history": self.history,
-                "seed": self.seed, "lr_scheduler": p.lr_scheduler.state_dict(),
-                "batch_op": p.batch_op.state_dict() if p.batch_op is not None else None,
-                "config": self.cfg}
-
     def save(self, name):
         if self.rank != 0:
             return
         p = self.p
-        save_checkpoint(os.path.join(self.output_dir, name), unwrap(p.model).state_dict(),
-                        p.optimizer.state_dict(), self.states(),
+        states = build_states(
+            self.state, lr_scheduler=p.lr_scheduler.state_dict(),
+            batch_op=p.batch_op.state_dict() if p.batch_op is not None else None,
+            scaler=p.scaler.state_dict() if p.scaler is not None else None, config=self.cfg)
+        save_checkpoint(os.path.join(self.output_dir, name), float32_state(self.inner),
+                        p.optimizer.state_dict(), states,
                         p.ema.state_dict() if p.ema is not None else None)
 
     def save_epoch(self, epoch, record):
         top1 = record.get("eval_top1")
-        if top1 is not None and top1 > self.best_top1:
-            self.best_top1, self.best_epoch = top1, epoch
+        st = self.state
+        st.strategy = self.p.strategy.state_dict()
+        if top1 is not None and top1 > st.best_top1:
+            st.best_top1, st.best_epoch = top1, epoch
             self.save("best_model")
             self.log.info(f"[Eval][Epoch {epoch}] best top1 so far: {top1:.5f} -> best_model")
         self.save("latest")
-        if epoch % int(self.glob.get("save_interval", 1)) == 0:
+        if self.save_interval > 0 and epoch % self.save_interval == 0:
             self.save(f"epoch_{epoch}")
         self.write_results(None, None)
 
+    def resume_source(self):
+        """``Global.checkpoints``, or with ``Global.auto_resume`` this run's own ``latest``."""
+        if self.glob.get("checkpoints"):
+            return self.glob["checkpoints"]
+        if not self.glob.get("auto_resume"):
+            return None
+        latest = os.path.join(self.output_dir, "latest")
+        found = int(dist.all_sum([os.path.isfile(latest + ".pdstates")])[0])
+        if found == 0:
+            self.log.info(f"Global.auto_resume: no {latest}.pdstates yet; starting from epoch 1")
+            return None
+        if found < dist.world_size():
+            raise RuntimeError(f"Global.auto_resume: {latest}.pdstates is visible on {found} of "
+                               f"{dist.world_size()} ranks; put Global.output_dir on storage every "
+                               "node shares")
+        return latest
+
     def resume(self, prefix):
         p = self.p
-        ck = load_checkpoint(prefix)
-        unwrap(p.model).set_state_dict(to_tensors(ck["params"]))
-        p.optimizer.set_state_dict(to_tensors(ck["opt"]))
-        st = ck["states"]
-        p.lr_scheduler.set_state_dict(st["lr_scheduler"])
-        if p.ema is not None and ck["ema"] is not None:
-            p.ema.set_state_dict(ck["ema"])
-        if p.batch_op is not None and st.get("batch_op"):
-            p.batch_op.set_state_dict(st["batch_op"])
-        self.epoch, self.global_step = int(st["epoch"]), int(st["global_step"])
-        self.best_top1 = float(st.get("best_top1", st.get("metric", -1.0)))
-        self.best_epoch = st.get("best_epoch")
-        self.history = list(st.get("history") or [])
-        self.log.info(f"resumed from {prefix}: epoch {self.epoch}, step {self.global_step}, "
-                      f"best top1 {self.best_top1:.5f}, lr {self.current_lr():.8f}")
+        ck = read_checkpoint(prefix, p.steps_per_epoch, seed=self.state.seed)
+        check_compatible(ck.config, self.cfg, f"Global.checkpoints={prefix}")
+        load_state_exact(self.inner, ck.params, f"{prefix}.pdparams")
+        p.optimizer.set_state_dict(to_tensors(ck.opt))  # also restores the LR schedule it holds
+        self.state.load_state_dict(ck.train_state, f"{prefix}.pdstates")
+        extras = ck.extras
+        if extras.get("lr_scheduler"):
+            p.lr_scheduler.set_state_dict(extras["lr_scheduler"])
+        if p.ema is not None and ck.ema is not None:
+            p.ema.set_state_dict(ck.ema)
+        elif p.ema is not None:
+            ck.notes.append("no .pdema: EMA restarts from the resumed weights")
+        if p.batch_op is not None and extras.get("batch_op"):
+            p.batch_op.set_state_dict(extras["batch_op"])
+        if p.scaler is not None and extras.get("scaler"):
+            p.scaler.load_state_dict(extras["scaler"])
+        st = self.state
+        self.log.info(f"resumed from {prefix} ({ck.source}): epoch {st.epoch}, step "
+                      f"{st.global_step}, best top1 {st.best_top1:.5f}, lr {self.current_lr():.8f}")
+        if ck.notes:
+            self.log.warning(f"resume from {prefix}: " + "; ".join(ck.notes))
 
     def write_results(self, verdict, diverged_at):
         if self.rank != 0:
             return
         os.makedirs(self.output_dir, exist_ok=True)
-        data = {"epochs": self.history, "best_epoch": self.best_epoch,
-                "best_top1": self.best_top1 if self.best_epoch is not None else None,
+        st = self.state
+        data = {"epochs": st.history, "best_epoch": st.best_epoch,
+                "best_top1": st.best_top1 if st.best_known else None,
                 "diverged_at": diverged_at, "diagnosis": verdict}
         path = os.path.join(self.output_dir, "train_results.json")
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2)
         os.replace(path + ".tmp", path)
-
-
-def evaluate(parts, model):
-    """Loss terms and top-k over the eval loader; returns floats, e.g. {'loss', 'CELoss', 'top1'}.
-
-    Leaves the model in eval mode: the next epoch's ``strategy.train_mode`` decides what trains.
-    """
-    model.eval()
-    metrics = parts.eval_metrics
-    if metrics is not None:
-        metrics.reset()
-    avgs, skipped = {}, 0
-    with paddle.no_grad():
-        for images, labels, n_skipped in parts.eval_loader:
-            skipped += int(np.asarray(n_skipped).sum())
-            n = int(images.shape[0])
-            if n == 0:
-                continue
-            logits = model(images)
-            if parts.eval_loss is not None:
-                for k, v in parts.eval_loss(logits, labels).items():
-                    avgs.setdefault(k, Average()).add(float(v), n)
-            if metrics is not None:
-                metrics.update(logits, labels)
-    if paddle.distributed.get_world_size() > 1:  # every rank evaluated a shard: sum them
-        for a in avgs.values():
-            t = paddle.to_tensor([a.total, float(a.count)], dtype="float64")
-            paddle.distributed.all_reduce(t)
-            a.total, a.count = float(t[0]), int(t[1])
-        if metrics is not None:
-            metrics.all_reduce()
-    if skipped:
-        parts.logger.warning(f"[Eval] {skipped} unreadable images were skipped (see warnings above); "
-                             "metrics cover the readable ones only")
-    out = {k: a.mean for k, a in avgs.items()}
-    if metrics is not None:
-        out.update(metrics.accumulate())
-    return out

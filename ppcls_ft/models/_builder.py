@@ -196,6 +196,21 @@ def _strict_error(path, model, info):
     return WeightsError("\n".join(lines))
 
 
+def load_state_exact(model, state, path):
+    """Resume: every key and shape must match ``model`` (classifier included), else a
+    ``WeightsError`` listing what differs. Writes into the live tensors (``use_hook=False``: under
+    AMP O2 the hooked ``state_dict()`` returns float32 copies) in each tensor's own dtype."""
+    own = model.state_dict(use_hook=False)
+    _, info = compare_state(model, state)
+    info["mismatched"] += [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in info["head_keys"]
+                           if tuple(state[k].shape) != tuple(own[k].shape)]
+    if info["missing"] or info["unexpected"] or info["mismatched"]:
+        raise _strict_error(path, model, info)
+    with paddle.no_grad():
+        for key, tensor in own.items():
+            _assign(tensor, state[key])
+
+
 def load_pretrained(model, source, *, strict=True, use_ssld=False, variant=None, arch_name=None,
                     logger=print) -> LoadReport:
     """Load weights into ``model`` after checking every key and shape; returns a ``LoadReport``.

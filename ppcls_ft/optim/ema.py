@@ -6,6 +6,10 @@ into the same architecture. Parameters follow ``shadow = decay * shadow + (1 - d
 after each optimizer step; buffers (batch-norm ``_mean``/``_variance``, Swin's integer
 ``relative_position_index``) are copied, because batch-norm running statistics already are
 moving averages and averaging them a second time only makes them lag.
+
+The model is always read through ``state_dict(use_hook=False)``: after ``paddle.amp.decorate``
+(AMP O2, ``save_dtype=float32``) the hooked ``state_dict()`` returns float32 *copies*, and
+writing EMA weights into copies would leave the model untouched.
 """
 import contextlib
 
@@ -50,7 +54,7 @@ class ModelEMA:
         self._param_names = {name for name, _ in model.named_parameters()} - running_stat_names(model)
         self.shadow = {}
         with paddle.no_grad():
-            for name, value in model.state_dict().items():
+            for name, value in model.state_dict(use_hook=False).items():
                 copy = value.detach().clone()
                 if _is_float(copy):
                     copy = copy.astype("float32")
@@ -67,7 +71,7 @@ class ModelEMA:
     @paddle.no_grad()
     def update(self, model):
         """Fold the model's current weights into the shadow (call after ``optimizer.step()``)."""
-        state = model.state_dict()
+        state = model.state_dict(use_hook=False)
         self._check_keys(state, "update")
         d = self.decay
         for name, value in state.items():
@@ -98,7 +102,7 @@ class ModelEMA:
     @contextlib.contextmanager
     def apply_to(self, model):
         """Temporarily load the EMA weights into ``model`` (for eval/saving); restore on exit."""
-        backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        backup = {k: v.detach().clone() for k, v in model.state_dict(use_hook=False).items()}
         self._copy_into(model, self.shadow)
         try:
             yield model
@@ -106,7 +110,7 @@ class ModelEMA:
             self._copy_into(model, backup)
 
     def _copy_into(self, model, weights):
-        state = model.state_dict()
+        state = model.state_dict(use_hook=False)
         self._check_keys(state, "apply_to")
         with paddle.no_grad():
             for name, target in state.items():

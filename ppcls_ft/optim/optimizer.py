@@ -328,3 +328,21 @@ def build_optimizer(opt_cfg: dict, model, lr_scheduler: Union[LRScheduler, float
         if str(err.path).startswith(path):
             raise
         raise _reroot(err, path) from None
+
+
+def materialize_accumulators(optimizer):
+    """Create every parameter's optimizer state now, with the values a first update would start
+    from (zero velocity and moments, beta powers at beta).
+
+    Paddle creates this state lazily, at a parameter's first update, and once a state has been
+    loaded it refuses to create one the loaded state lacks ("Optimizer set error, ... should in
+    state dict"). Without this, a checkpoint taken while ``FineTune`` froze the backbone (no
+    backbone state yet) could never resume past the unfreeze. ``_create_accumulators`` is the
+    hook every Paddle optimizer implements for exactly this; no public API does it.
+    """
+    from paddle.base import framework
+    groups = optimizer._param_groups
+    params = [p for g in groups for p in g["params"]] if groups and isinstance(groups[0], dict) \
+        else list(groups)
+    block = framework.default_main_program().global_block()
+    optimizer._create_accumulators(block, params)
