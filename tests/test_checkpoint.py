@@ -31,7 +31,7 @@ def test_round_trip_and_prefix_forms(tmp_path):
 def test_failed_save_keeps_previous_files(tmp_path, monkeypatch):
     prefix = tmp_path / "latest"
     ck.save_checkpoint(prefix, _state(1), {"lr": 0.1}, {"epoch": 1})
-    real_save = paddle.save
+    real_save = ck.portable_save.save
     calls = []
 
     def failing_save(obj, path, *a, **k):
@@ -42,7 +42,7 @@ def test_failed_save_keeps_previous_files(tmp_path, monkeypatch):
             raise OSError("disk full")
         return real_save(obj, path, *a, **k)
 
-    monkeypatch.setattr(ck.paddle, "save", failing_save)
+    monkeypatch.setattr(ck.portable_save, "save", failing_save)
     with pytest.raises(OSError):
         ck.save_checkpoint(prefix, _state(2), {"lr": 0.2}, {"epoch": 2})
     parts = ck.load_checkpoint(prefix)

@@ -20,6 +20,7 @@ from ppcls_ft.data.transforms import build_transforms
 from ppcls_ft.engine.export import export_dygraph, export_inference_model, label_names_from_config
 from ppcls_ft.errors import ConfigError, WeightsError
 from ppcls_ft.predictor import Predictor
+from test_portable_save import pickle_globals
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = [3, 64, 64]
@@ -134,6 +135,20 @@ def test_every_family_exports_and_serves(tmp_path, arch):
     assert model.training is False  # export restores the mode it found
 
 
+def assert_no_numpy_pickle(export_dir):
+    """numpy 2 pickles do not load under PaddleClas's numpy 1.24; an export must hold none."""
+    for path in Path(export_dir).glob("inference*"):
+        data = path.read_bytes()
+        if data[:1] == b"\x80":  # a pickle (protocol 2+): may only name builtins, no numpy global
+            assert not [m for m, _ in pickle_globals(data) if m.startswith("numpy")], path
+        else:
+            assert b"numpy" not in data, path
+
+
+def test_exported_files_hold_no_numpy_pickle(lcnet_export):
+    assert_no_numpy_pickle(lcnet_export[1])
+
+
 def test_legacy_pdmodel_export_is_served(tmp_path):
     """Paddle 3.3.1 still writes the Paddle 2 format when started with FLAGS_enable_pir_api=0."""
     script = (
@@ -151,6 +166,8 @@ def test_legacy_pdmodel_export_is_served(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "inference.pdmodel").is_file() and not (tmp_path / "inference.json").exists()
+    assert (tmp_path / "inference.pdiparams.info").read_bytes()[:1] == b"\x80"  # jit.save's pickle
+    assert_no_numpy_pickle(tmp_path)
     assert yaml.safe_load((tmp_path / "inference.yml").read_text())["Global"]["model_file"] == "inference.pdmodel"
     for mkldnn in (True, False):
         served = Predictor(tmp_path, enable_mkldnn=mkldnn, cpu_threads=1).predict_arrays(np.load(tmp_path / "x.npy"))

@@ -92,3 +92,79 @@ def test_eval_refuses_weights_of_another_class_count(cfg_path, tmp_path):
     code, out = run_tool("eval.py", "-c", str(cfg_path), "-o", "Arch.class_num=4", "-o",
                          f"Global.pretrained_model={tmp_path / 'out' / 'latest'}")
     assert code == 2 and "does not fit Arch.class_num=4" in out
+
+
+def run_tool_streams(script, *args):
+    """Run ``script`` (a path below the repository) and return (exit code, stdout, stderr)."""
+    proc = subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True,
+                          text=True, timeout=600)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def assert_one_error_line(code, out, err, *needles):
+    """Exit 2, no traceback, and stderr is exactly one ``error:`` line holding every needle."""
+    assert code == 2, out + err
+    assert "Traceback" not in out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+
+
+@pytest.fixture
+def blocker(tmp_path):
+    """A regular file where a tool would have to create a folder."""
+    path = tmp_path / "blocker"
+    path.write_text("not a folder\n")
+    return path
+
+
+def test_export_with_a_missing_weights_file(cfg_path, tmp_path):
+    missing = tmp_path / "runs" / "best_model"
+    code, out, err = run_tool_streams("tools/export_model.py", "-c", str(cfg_path),
+                                      "-o", f"Global.pretrained_model={missing}")
+    assert_one_error_line(code, out, err, f"{missing}.pdparams", "Global.pretrained_model")
+
+
+def test_export_without_weights_says_which_key_or_flag(cfg_path):
+    code, out, err = run_tool_streams("tools/export_model.py", "-c", str(cfg_path))
+    assert_one_error_line(code, out, err, "Global.pretrained_model", "--allow-random")
+
+
+def test_export_below_a_regular_file_names_key_and_file(cfg_path, blocker):
+    target = blocker / "inference"
+    code, out, err = run_tool_streams("tools/export_model.py", "-c", str(cfg_path), "--allow-random",
+                                      "-o", f"Global.save_inference_dir={target}")
+    assert_one_error_line(code, out, err, "Global.save_inference_dir", str(target),
+                          f"{blocker} is a regular file")
+
+
+def test_train_output_dir_below_a_regular_file_names_key_and_file(cfg_path, blocker):
+    target = blocker / "out"
+    code, out, err = run_tool_streams("tools/train.py", "-c", str(cfg_path),
+                                      "-o", f"Global.output_dir={target}")
+    assert_one_error_line(code, out, err, "Global.output_dir", str(target), f"{blocker} is a regular file")
+
+
+def test_deploy_with_a_missing_model_dir(tmp_path):
+    missing = tmp_path / "inference"
+    code, out, err = run_tool_streams("deploy/python/predict_cls.py", "-c",
+                                      str(REPO / "deploy" / "configs" / "inference_cls.yaml"),
+                                      "-o", f"Global.inference_model_dir={missing}")
+    assert_one_error_line(code, out, err, "Global.inference_model_dir", str(missing))
+
+
+def test_an_os_error_points_at_the_closest_configured_path(tmp_path):
+    from ppcls_ft.engine.cli import user_message
+
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "out" / "run"
+    cfg = {"Global": {"output_dir": str(out), "save_inference_dir": str(out / "inference")},
+           "Infer": {"infer_imgs": str(tmp_path)}}
+    # os.makedirs fails at the first missing parent, /file/out: output_dir is the closest key.
+    message = user_message(NotADirectoryError(20, "Not a directory", str(tmp_path / "file" / "out")), cfg)
+    assert message.startswith("Global.output_dir: ") and f"{tmp_path / 'file'} is a regular file" in message
+    message = user_message(PermissionError(13, "Permission denied", str(out / "inference" / "x.yml")), cfg)
+    assert message.startswith("Global.save_inference_dir: permission denied")
+    assert user_message(FileNotFoundError(2, "No such file", "/elsewhere/a.txt"), cfg) == (
+        "file or folder not found: /elsewhere/a.txt; check the path")

@@ -58,4 +58,5 @@ def _export_and_serve(cfg, data):
 
 
 if __name__ == "__main__":
-    main()
+    from ppcls_ft.engine.cli import exit_on_user_error  # one line and exit 2 on a user error
+    exit_on_user_error(main)

@@ -5,30 +5,27 @@
 
 Writes inference.json + inference.pdiparams + inference.yml (see docs/deploy.md).
 """
-import argparse
-import os
 import sys
+from pathlib import Path
 
-try:
-    import ppcls_ft
-except ImportError:  # run from a checkout without installing: put the repo root on the path
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import ppcls_ft
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
 
-from ppcls_ft.engine.export import export_inference_model
+from ppcls_ft.engine.cli import run_cli  # noqa: E402
+
+OPTIONS = {"--allow-random": {"action": "store_true",
+                              "help": "export untrained weights when Global.pretrained_model is not set"}}
+
+
+def export(cfg, allow_random):
+    from ppcls_ft.engine.export import export_inference_model
+
+    out = export_inference_model(cfg, allow_random=allow_random)
+    print(f"exported inference model to {out}")
+    return out
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-c", "--config", required=True, help="training config YAML")
-    parser.add_argument("-o", "--override", action="append", default=[],
-                        help="Section.key=value (parsed as YAML), repeatable")
-    parser.add_argument("--allow-random", action="store_true",
-                        help="export untrained weights when Global.pretrained_model is not set")
-    args = parser.parse_args(argv)
-    cfg = ppcls_ft.load_config(args.config, args.override)
-    out = export_inference_model(cfg, allow_random=args.allow_random)
-    print(f"exported inference model to {out}")
+    return run_cli(__doc__.splitlines()[0], export, argv, options=OPTIONS)
 
 
 if __name__ == "__main__":

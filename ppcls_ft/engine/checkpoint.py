@@ -22,6 +22,7 @@ import numpy as np
 import paddle
 
 from ..errors import WeightsError
+from ..utils import portable_save
 from ..utils.safe_pickle import load_pdparams, safe_load, unwrap_tensors
 
 ORDER = (".pdparams", ".pdopt", ".pdema", ".pdstates")
@@ -49,7 +50,7 @@ def save_checkpoint(prefix, model_state, opt_state=None, states=None, ema_state=
                 continue
             tmp = f"{prefix}{suffix}.tmp{os.getpid()}"
             tmp_paths.append((tmp, prefix + suffix))
-            paddle.save(parts[suffix], tmp)
+            portable_save.save(parts[suffix], tmp)  # paddle.save's format, numpy 1 readable
             _fsync(tmp)
         for tmp, final in tmp_paths:
             os.replace(tmp, final)

@@ -172,7 +172,7 @@ def export_inference_model(cfg, save_dir=None, allow_random=False):
     if not source and not allow_random:
         raise ConfigError("Global.pretrained_model", "set it to the trained weights to export "
                           "(e.g. -o Global.pretrained_model=output/best_model); exporting random "
-                          "weights needs allow_random=True")
+                          "weights needs --allow-random (allow_random=True in Python)")
     if source:  # strict, and a classifier of another class count is an error, not a fresh head
         model = build_model_for(cfg, get_logger(None), for_training=False)
     else:

@@ -138,7 +138,9 @@ def resolve_source(source, *, use_ssld=False, variant=None, arch_name=None, down
     for candidate in tried:
         if candidate.is_file():
             return candidate
-    raise WeightsError(f"weights file not found; tried: {', '.join(str(p) for p in tried)}")
+    raise WeightsError(f"weights file not found; tried: {', '.join(str(p) for p in tried)}; point "
+                       "Global.pretrained_model (or Arch.pretrained) at an existing .pdparams file "
+                       "or its prefix, e.g. output/best_model")
 
 
 def _numpy_dtype(tensor):
