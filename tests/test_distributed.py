@@ -7,7 +7,6 @@ same final weights, and an eval that counts each of the 13 val images once. Furt
 tests/multiproc/harness.py inside one more launch; resume runs as two "nodes" on 127.0.0.1.
 """
 import json
-import re
 import shutil
 import socket
 
@@ -16,26 +15,19 @@ import pytest
 
 from ppcls_ft.config import load_config
 from ppcls_ft.engine.checkpoint import load_checkpoint
-from ppcls_ft.engine.run import evaluate_config, train
-from multiproc.common import REPO, config, finish, launch, make_data
-
-LOSS = re.compile(r"\[Train\]\[Epoch (\d+)/\d+\]\[Iter: (\d+)/\d+\]lr: ([0-9.]+), CELoss: ([0-9.]+)")
-
-
-def _curve(out_dir):
-    return [tuple(map(float, m.groups())) for m in LOSS.finditer((out_dir / "train.log").read_text())]
+from ppcls_ft.engine.run import evaluate_config
+from ppcls_ft.selfcheck import (REPO, check_exact, config, finish, launch, loss_curve as _curve,
+                                make_data)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """The exactness check of tools/check_gpu.py, on 2 CPU processes."""
     base = tmp_path_factory.mktemp("dp")
-    data = make_data(base / "data")
-    two = base / "two"
-    rc, out = launch(["tools/train.py", "-c", config(two, *data, batch=2)], base / "log2")
-    assert rc == 0, out
-    one = base / "one"
-    train(load_config(config(one, *data, batch=4)))
-    return {"base": base, "data": data, "one": one, "two": two, "log": out}
+    ok, figures = check_exact(base, "cpu", 2)
+    assert ok, figures
+    return {"base": base, "data": make_data(base / "data"), "one": base / "exact_1proc",
+            "two": base / "exact_2proc", "figures": figures}
 
 
 def test_two_processes_reproduce_one_process_with_twice_the_batch(runs):
@@ -170,3 +162,22 @@ def test_micro_steps_skip_the_gradient_all_reduce(harness):
     res = results["nosync"][0]
     assert res["micro"][0] != res["micro"][1]  # local gradients: no all-reduce on a micro-step
     assert res["after_step"][0] == res["after_step"][1] and res["steps"] == 1
+
+
+def test_a_lost_worker_ends_the_job_and_the_same_command_resumes_it(runs):
+    """Rank 1 dies as epoch 2 starts: the job ends (no hang); the same command again, with
+    Global.auto_resume, continues from latest and ends where the uninterrupted run ended."""
+    base = runs["base"]
+    out = base / "lost"
+    cfg = config(out, *runs["data"], batch=2, Global={"auto_resume": True})
+    marker = base / "lost.crashed"
+    script = [REPO / "tests" / "multiproc" / "crash_once.py", marker, "-c", cfg]
+    rc, log = launch(script, base / "lost_log1", timeout=180)
+    assert rc != 0 and marker.is_file(), log
+    assert load_checkpoint(out / "latest")["states"]["train_state"]["epoch"] == 1
+    rc, log = launch(script, base / "lost_log2", timeout=180)
+    assert rc == 0, log
+    assert f"resumed from {out / 'latest'}" in (out / "train.log").read_text()
+    a, b = load_checkpoint(runs["two"] / "latest"), load_checkpoint(out / "latest")
+    for key, value in a["params"].items():
+        np.testing.assert_allclose(b["params"][key], value, rtol=1e-5, atol=1e-6, err_msg=key)

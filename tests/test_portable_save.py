@@ -182,3 +182,26 @@ def test_numpy_1_reads_the_same_values(written, tmp_path):
     if np.__version__.startswith("2."):  # control: what paddle.save writes here fails there
         proc = _probe(numpy1, theirs[:1], tmp_path / "paddle_np1")
         assert proc.returncode != 0 and "No module named 'numpy._core'" in proc.stderr
+
+
+def test_a_real_training_checkpoint_names_no_numpy_2_module(tmp_path, tiny_dataset):
+    """What the trainer writes (train state, EMA, Mixup/Cutmix generator state, config) is as
+    portable as the hand-made parts above; under numpy 1 when PPCLS_FT_NUMPY1_PYTHON is set."""
+    from ppcls_ft.engine.run import train
+    from test_trainer import make_cfg
+    train(make_cfg(tmp_path, tiny_dataset, name="run", epochs=1, overrides=[
+        "EMA={decay: 0.9}", "Optimizer.lr.warmup_epoch=0",
+        "DataLoader.Train.dataset.batch_transform_ops=[{OpSampler: {MixupOperator: "
+        "{alpha: 0.8, prob: 0.5}, CutmixOperator: {alpha: 1.0, prob: 0.5}}}]"]))
+    files = sorted(str(p) for p in (tmp_path / "run").glob("latest.*"))
+    assert [Path(p).suffix for p in files] == [".pdema", ".pdopt", ".pdparams", ".pdstates"]
+    for path in files:
+        refs = pickle_globals(Path(path).read_bytes())
+        assert refs <= PORTABLE_GLOBALS, f"{path}: {refs - PORTABLE_GLOBALS}"
+    numpy1 = os.environ.get("PPCLS_FT_NUMPY1_PYTHON")
+    if not numpy1:
+        pytest.skip("PPCLS_FT_NUMPY1_PYTHON not set: the numpy-1 load was not run")
+    proc = _probe(numpy1, files, tmp_path / "np1")
+    assert proc.returncode == 0, proc.stderr
+    meta, _ = _probe_result(tmp_path / "np1")
+    assert meta["numpy"].startswith("1.")

@@ -61,8 +61,9 @@ class AmpPolicy:
             return model, optimizer
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*makes no effect.*")
-            return paddle.amp.decorate(models=model, optimizers=optimizer, level="O2",
-                                       dtype=self.dtype, save_dtype="float32")
+            out = paddle.amp.decorate(models=model, optimizers=optimizer, level="O2",
+                                      dtype=self.dtype, save_dtype="float32")
+        return out if optimizer is not None else (out, None)  # decorate returns the model alone
 
 
 @contextlib.contextmanager

@@ -9,12 +9,10 @@ import numpy as np
 import paddle
 import paddle.distributed as pdist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import config  # noqa: E402
-
-from ppcls_ft.config import load_config  # noqa: E402
-from ppcls_ft.engine.builder import build_train_parts  # noqa: E402
-from ppcls_ft.engine.trainer import Trainer  # noqa: E402
+from ppcls_ft.config import load_config
+from ppcls_ft.engine.builder import build_train_parts
+from ppcls_ft.engine.trainer import Trainer
+from ppcls_ft.selfcheck import config
 
 OUT, ROOT, TRAIN, VAL, BAD = map(Path, sys.argv[1:6])
 
