@@ -99,3 +99,22 @@ def test_checkpoint_cannot_run_code(tmp_path):
     with pytest.raises(WeightsError, match="forbidden"):
         ck.load_checkpoint(tmp_path / "x")
     assert not (tmp_path / "pwned").exists()
+
+
+def test_paddleclas_ema_checkpoint_is_read_the_right_way_round(tmp_path):
+    """PaddleClas's save_model writes the EMA weights to .pdparams and the model to .pdema."""
+    import paddle
+    from ppcls_ft.engine.checkpoint import read_checkpoint
+    ema_w, model_w = np.full((2, 2), 1.0, np.float32), np.full((2, 2), 2.0, np.float32)
+    prefix = tmp_path / "latest"
+    paddle.save({"fc.weight": ema_w}, f"{prefix}.pdparams")
+    paddle.save({"fc.weight": model_w}, f"{prefix}.pdema")
+    paddle.save([{"fc.w_0_velocity_0": np.zeros((2, 2), np.float32)}], f"{prefix}.pdopt")
+    paddle.save({"metric": 0.5, "epoch": 3}, f"{prefix}.pdstates")
+    ck = read_checkpoint(prefix, steps_per_epoch=10, seed=4)
+    assert ck.source == "PaddleClas" and ck.opt == {"fc.w_0_velocity_0": ck.opt["fc.w_0_velocity_0"]}
+    np.testing.assert_array_equal(ck.params["fc.weight"], model_w)
+    np.testing.assert_array_equal(ck.ema["fc.weight"], ema_w)
+    assert ck.train_state["epoch"] == 3 and ck.train_state["global_step"] == 30
+    assert ck.train_state["seed"] == 4 and ck.train_state["best_top1"] == 0.5
+    assert any("other way round" in n for n in ck.notes)

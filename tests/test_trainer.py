@@ -283,3 +283,53 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, tiny_dataset):
     assert result["history"][0]["skipped_images"] == 1
     log = (tmp_path / "bad" / "train.log").read_text()
     assert "1 unreadable images were skipped" in log and "skipped: 1 images" in log
+
+
+def _paddleclas_copy(src, dst, opt_state=None):
+    """``src`` (ours) rewritten the way PaddleClas's save_model writes a checkpoint: .pdparams,
+    .pdopt as a list of optimizer state dicts, .pdstates as {metric, epoch}; paddle.save."""
+    import paddle
+    from ppcls_ft.utils.safe_pickle import load_pdparams, safe_load, unwrap_tensors
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    paddle.save(load_pdparams(f"{src}.pdparams"), f"{dst}.pdparams")
+    opt = opt_state if opt_state is not None else unwrap_tensors(safe_load(f"{src}.pdopt"))
+    paddle.save([opt], f"{dst}.pdopt")
+    paddle.save({"metric": 0.25, "epoch": 1}, f"{dst}.pdstates")
+
+
+def test_resume_from_a_paddleclas_checkpoint(tmp_path, tiny_dataset):
+    train(make_cfg(tmp_path, tiny_dataset, name="src", epochs=2))
+    pc = tmp_path / "pc" / "epoch_1"
+    _paddleclas_copy(tmp_path / "src" / "epoch_1", pc)
+    result = train(make_cfg(tmp_path, tiny_dataset, name="resumed", epochs=2,
+                            overrides=[f"Global.checkpoints={pc}"]))
+    assert [r["epoch"] for r in result["history"]] == [2]  # PaddleClas keeps no history
+    log = (tmp_path / "resumed" / "train.log").read_text()
+    assert f"resumed from {pc} (PaddleClas): epoch 1, step 3, best top1 0.25000" in log
+    assert "metric 0.25000 taken as the best top-1" in log and "random draws restart" in log
+    # the seed tree is a function of (Global.seed, rank, epoch): epoch 2 replays exactly
+    a = load_checkpoint(tmp_path / "src" / "latest")["params"]
+    b = load_checkpoint(tmp_path / "resumed" / "latest")["params"]
+    for key, value in a.items():
+        np.testing.assert_allclose(b[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_optimizer_state_that_does_not_fit_is_an_error_or_said(tmp_path, tiny_dataset):
+    import paddle
+    from ppcls_ft.errors import WeightsError
+    from ppcls_ft.utils.safe_pickle import safe_load, unwrap_tensors
+    train(make_cfg(tmp_path, tiny_dataset, name="src", epochs=2))
+    src = tmp_path / "src" / "epoch_1"
+    opt = unwrap_tensors(safe_load(f"{src}.pdopt"))
+    key = next(k for k in opt if k.endswith("_velocity_0"))
+    opt["renamed_velocity_0"] = opt.pop(key)
+    paddle.save(opt, f"{src}.pdopt")  # ours, damaged: strict
+    with pytest.raises(WeightsError, match=rf"missing \['{key}'\].*unexpected \['renamed_velocity_0'\]"):
+        train(make_cfg(tmp_path, tiny_dataset, name="bad", epochs=2,
+                       overrides=[f"Global.checkpoints={src}"]))
+    pc = tmp_path / "pc" / "epoch_1"  # PaddleClas's, with names of another process: said
+    _paddleclas_copy(src, pc, opt_state=opt)
+    train(make_cfg(tmp_path, tiny_dataset, name="pcres", epochs=2,
+                   overrides=[f"Global.checkpoints={pc}"]))
+    log = (tmp_path / "pcres" / "train.log").read_text()
+    assert "optimizer state not restored (names differ" in log and "the LR schedule was" in log

@@ -141,7 +141,11 @@ def read_checkpoint(prefix, steps_per_epoch=None, seed=0):
                  "no history, seed tree or batch-operator state (PaddleClas does not save them): "
                  "random draws restart from Global.seed",
                  f"optimizer steps taken derived as epoch x steps per epoch = {steps}"]
-        return Checkpoint(raw["params"], opt, raw["ema"], state, {}, None, "PaddleClas", notes)
+        params, ema = raw["params"], raw["ema"]
+        if ema is not None:  # PaddleClas's save_model puts EMA in .pdparams, the model in .pdema
+            params, ema = ema, params
+            notes.append("its .pdparams (EMA weights) and .pdema (model) read the other way round")
+        return Checkpoint(params, opt, ema, state, {}, None, "PaddleClas", notes)
     raise WeightsError(f"Global.checkpoints: {prefix}.pdstates has keys {sorted(st)[:8]}, which "
                        "neither ppcls_ft nor PaddleClas writes")
 
@@ -168,14 +172,3 @@ def load_checkpoint(prefix):
         raise WeightsError(f"Global.checkpoints: {prefix} has weights but no .pdopt/.pdstates; to only "
                            f"load weights use Global.pretrained_model={prefix}")
     return {"params": parts["params"], "opt": parts["opt"], "ema": parts["ema"], "states": parts["states"]}
-
-
-def to_tensors(tree):
-    """numpy arrays -> paddle Tensors, recursively (optimizer.set_state_dict wants Tensors)."""
-    if isinstance(tree, dict):
-        return {k: to_tensors(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(to_tensors(v) for v in tree)
-    if isinstance(tree, np.ndarray):
-        return paddle.to_tensor(tree)
-    return tree

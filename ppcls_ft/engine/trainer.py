@@ -24,7 +24,8 @@ from ..utils import distributed as dist
 from ..utils.logger import format_eta, format_values
 from ..utils.seeding import BATCH_OP, SeedTree
 from ..models._builder import load_state_exact
-from .checkpoint import build_states, float32_state, read_checkpoint, save_checkpoint, to_tensors
+from ..optim.optimizer import load_optimizer_state
+from .checkpoint import build_states, float32_state, read_checkpoint, save_checkpoint
 from .diagnosis import diagnose, format_diagnosis
 from .evaluate import Average, evaluate
 from .strategies import unwrap
@@ -338,7 +339,9 @@ class Trainer:
         ck = read_checkpoint(prefix, p.steps_per_epoch, seed=self.state.seed)
         check_compatible(ck.config, self.cfg, f"Global.checkpoints={prefix}")
         load_state_exact(self.inner, ck.params, f"{prefix}.pdparams")
-        p.optimizer.set_state_dict(to_tensors(ck.opt))  # also restores the LR schedule it holds
+        note = load_optimizer_state(p.optimizer, ck.opt, f"{prefix}.pdopt",  # + its LR schedule
+                                    strict=ck.source != "PaddleClas")
+        ck.notes += [note] if note else []
         self.state.load_state_dict(ck.train_state, f"{prefix}.pdstates")
         extras = ck.extras
         if extras.get("lr_scheduler"):

@@ -36,7 +36,7 @@ from typing import Optional, Union
 import paddle
 from paddle.optimizer.lr import LRScheduler
 
-from ..errors import ConfigError
+from ..errors import ConfigError, WeightsError
 from ..registry import OPTIMIZERS
 from .ema import running_stat_names
 
@@ -346,3 +346,36 @@ def materialize_accumulators(optimizer):
         else list(groups)
     block = framework.default_main_program().global_block()
     optimizer._create_accumulators(block, params)
+
+
+def _state_keys(state):
+    return {k for k in state if k not in ("LR_Scheduler", "master_weights")}
+
+
+def load_optimizer_state(optimizer, state, where, strict=True):
+    """Restore ``optimizer`` from a ``.pdopt`` state; returns a note when something was left out.
+
+    Every accumulator (``<param name>_velocity_0``, ``_moment1_0``, ...) must be there with its
+    shape: Paddle's own ``set_state_dict`` warns and skips, or fails on an ``assert``, and a
+    half-restored optimizer trains differently in silence. ``strict=False`` (a PaddleClas
+    checkpoint, whose generated names may differ from ours) restores only the LR schedule then.
+    """
+    import numpy as np
+    from ..utils.safe_pickle import to_tensors
+    own = optimizer.state_dict()
+    missing = sorted(_state_keys(own) - _state_keys(state))
+    extra = sorted(_state_keys(state) - _state_keys(own))
+    shapes = [k for k in _state_keys(own) & _state_keys(state)
+              if tuple(own[k].shape) != tuple(np.shape(state[k]))]
+    if not (missing or extra or shapes):
+        optimizer.set_state_dict(to_tensors(state))
+        return None
+    detail = (f"missing {missing[:3]}{'...' if len(missing) > 3 else ''} ({len(missing)}), "
+              f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''} ({len(extra)}), "
+              f"wrong-shaped {shapes[:3]}")
+    if strict:
+        raise WeightsError(f"{where}: the optimizer state does not fit this optimizer: {detail}; "
+                           "was it written with another Optimizer.name, model or FineTune setting?")
+    if "LR_Scheduler" in state and hasattr(optimizer._learning_rate, "set_state_dict"):
+        optimizer._learning_rate.set_state_dict(state["LR_Scheduler"])
+    return f"optimizer state not restored (names differ: {detail}); the LR schedule was"

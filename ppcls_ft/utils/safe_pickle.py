@@ -150,3 +150,15 @@ def load_pdparams(path) -> dict:
     state.pop(STRUCTURED_NAME_KEY, None)
     state = _join_big_params(state, path)
     return {str(k): _as_array(k, v, path) for k, v in state.items()}
+
+
+def to_tensors(tree):
+    """numpy arrays -> paddle Tensors, recursively (``optimizer.set_state_dict`` wants Tensors)."""
+    import paddle
+    if isinstance(tree, dict):
+        return {k: to_tensors(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_tensors(v) for v in tree)
+    if isinstance(tree, np.ndarray):
+        return paddle.to_tensor(tree)
+    return tree
