@@ -112,7 +112,6 @@ def harness(runs):
     # unshuffled, rank 1's second batch (iteration 2, an accumulation boundary) is images 6, 7
     bad = root / "bad_list.txt"
     for i in (6, 7):
-        rel = lines[i].split()[0]
         broken = f"broken_{i}.jpg"
         (root / broken).write_bytes(b"not an image")
         lines[i] = f"{broken} {lines[i].split()[1]}"

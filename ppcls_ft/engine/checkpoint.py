@@ -18,7 +18,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import paddle
 
 from ..errors import WeightsError
@@ -91,7 +90,6 @@ def float32_state(model):
     and ``Global.pretrained_model`` then load them unchanged. Explicit rather than relying on
     ``paddle.amp.decorate(save_dtype=...)`` hooks, so it holds for any model.
     """
-    import paddle
     out = {}
     for key, value in model.state_dict().items():
         if value.dtype in (paddle.float16, paddle.bfloat16):

@@ -31,9 +31,21 @@ def _loss_keys(loss, class_num):
         return list(loss(paddle.zeros([1, class_num], "float32"), paddle.zeros([1], "int64")))
 
 
-def evaluate(parts, model):
+def _batch_indices(loader):
+    """The dataset indices of each eval batch, in loader order (``EvalShardSampler`` is
+    deterministic, so walking it beside the loader pairs every batch with its indices)."""
+    from ..data.samplers import EvalShardSampler
+    sampler = getattr(loader.batch_sampler, "batch_sampler", loader.batch_sampler)
+    if isinstance(sampler, EvalShardSampler):
+        yield from iter(sampler)
+    while True:
+        yield None
+
+
+def evaluate(parts, model, stats=None):
     """Loss terms, top-k and the image count over the eval loader, e.g.
-    ``{'loss', 'CELoss', 'top1', 'top5', 'images'}``.
+    ``{'loss', 'CELoss', 'top1', 'top5', 'images'}``; ``stats`` (an ``analysis.ClassStats``)
+    also collects the confusion matrix and the most confident mistakes.
 
     O2 (and O1 with ``AMP.use_fp16_test``) runs under autocast, as training does. Leaves the
     model in eval mode: the next epoch's ``strategy.train_mode`` decides what trains.
@@ -45,8 +57,10 @@ def evaluate(parts, model):
         metrics.reset()
     keys = _loss_keys(parts.eval_loss, model.class_num) if parts.eval_loss is not None else []
     sums, count, skipped = [0.0] * len(keys), 0, 0
+    indices = _batch_indices(parts.eval_loader)
     with paddle.no_grad():
         for images, labels, n_skipped in parts.eval_loader:
+            batch_indices = next(indices)
             skipped += int(np.asarray(n_skipped).sum())
             n = int(images.shape[0])
             if n == 0:
@@ -61,7 +75,12 @@ def evaluate(parts, model):
                     sums[i] += float(values[k]) * n
             if metrics is not None:
                 metrics.update(logits, labels)
+            if stats is not None:  # rows map to indices only when no image was dropped
+                stats.update(paddle.nn.functional.softmax(logits).numpy(), labels.numpy(),
+                             batch_indices if n == len(batch_indices or ()) else None)
     total = dist.all_sum([count, skipped] + sums)
+    if stats is not None:
+        stats.reduce()
     count, skipped = int(total[0]), int(total[1])
     if metrics is not None:
         metrics.all_reduce()

@@ -23,13 +23,12 @@ from ..data.loader import set_epoch
 from ..utils import distributed as dist
 from ..utils.logger import format_eta, format_values
 from ..utils.seeding import BATCH_OP, SeedTree
-from ..models._builder import load_state_exact
-from ..optim.optimizer import load_optimizer_state
-from .checkpoint import build_states, float32_state, read_checkpoint, save_checkpoint
+from .checkpoint import build_states, float32_state, save_checkpoint
 from .diagnosis import diagnose, format_diagnosis
 from .evaluate import Average, evaluate
 from .strategies import unwrap
-from .train_state import TrainState, check_compatible
+from .resume import restore, resume_source
+from .train_state import TrainState
 
 
 class TrainingDiverged(RuntimeError):
@@ -80,9 +79,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self):
-        prefix = self.resume_source()
+        prefix = resume_source(self.glob, self.output_dir, self.log)
         if prefix:
-            self.resume(prefix)
+            restore(self.p, self.inner, self.state, prefix, self.log)
         strategy = self.p.strategy
         if strategy.active or strategy.freeze_bn_stats:
             self.log.info(f"fine-tuning strategy: {strategy.describe()}")
@@ -316,49 +315,6 @@ class Trainer:
         if self.save_interval > 0 and epoch % self.save_interval == 0:
             self.save(f"epoch_{epoch}")
         self.write_results(None, None)
-
-    def resume_source(self):
-        """``Global.checkpoints``, or with ``Global.auto_resume`` this run's own ``latest``."""
-        if self.glob.get("checkpoints"):
-            return self.glob["checkpoints"]
-        if not self.glob.get("auto_resume"):
-            return None
-        latest = os.path.join(self.output_dir, "latest")
-        found = int(dist.all_sum([os.path.isfile(latest + ".pdstates")])[0])
-        if found == 0:
-            self.log.info(f"Global.auto_resume: no {latest}.pdstates yet; starting from epoch 1")
-            return None
-        if found < dist.world_size():
-            raise RuntimeError(f"Global.auto_resume: {latest}.pdstates is visible on {found} of "
-                               f"{dist.world_size()} ranks; put Global.output_dir on storage every "
-                               "node shares")
-        return latest
-
-    def resume(self, prefix):
-        p = self.p
-        ck = read_checkpoint(prefix, p.steps_per_epoch, seed=self.state.seed)
-        check_compatible(ck.config, self.cfg, f"Global.checkpoints={prefix}")
-        load_state_exact(self.inner, ck.params, f"{prefix}.pdparams")
-        note = load_optimizer_state(p.optimizer, ck.opt, f"{prefix}.pdopt",  # + its LR schedule
-                                    strict=ck.source != "PaddleClas")
-        ck.notes += [note] if note else []
-        self.state.load_state_dict(ck.train_state, f"{prefix}.pdstates")
-        extras = ck.extras
-        if extras.get("lr_scheduler"):
-            p.lr_scheduler.set_state_dict(extras["lr_scheduler"])
-        if p.ema is not None and ck.ema is not None:
-            p.ema.set_state_dict(ck.ema)
-        elif p.ema is not None:
-            ck.notes.append("no .pdema: EMA restarts from the resumed weights")
-        if p.batch_op is not None and extras.get("batch_op"):
-            p.batch_op.set_state_dict(extras["batch_op"])
-        if p.scaler is not None and extras.get("scaler"):
-            p.scaler.load_state_dict(extras["scaler"])
-        st = self.state
-        self.log.info(f"resumed from {prefix} ({ck.source}): epoch {st.epoch}, step "
-                      f"{st.global_step}, best top1 {st.best_top1:.5f}, lr {self.current_lr():.8f}")
-        if ck.notes:
-            self.log.warning(f"resume from {prefix}: " + "; ".join(ck.notes))
 
     def write_results(self, verdict, diverged_at):
         if self.rank != 0:
