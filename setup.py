@@ -17,6 +17,7 @@ setup(
         "opencv-python-headless>=4.6",
         "Pillow>=9.0",
         "visualdl>=2.5",
+        "matplotlib>=3.5",  # report.html and confusion_matrix.png
     ],
     # Paddle is an extra so a GPU user is not forced onto the CPU wheel:
     #   pip install -e .[cpu]   or   pip install -e .[gpu] (paddlepaddle-gpu from Paddle's index)
@@ -25,6 +26,5 @@ setup(
         "gpu": ["paddlepaddle-gpu==3.3.1"],
         "onnx": ["paddle2onnx>=2.0", "onnxruntime>=1.16", "onnx_graphsurgeon>=0.3.27"],
         "test": ["pytest>=7"],
-        "bench": ["matplotlib>=3.5"],
     },
 )

@@ -1,7 +1,8 @@
 """ppcls_ft: fine-tune pretrained PaddleClas image classifiers.
 
-Public entry points: ``load_config``, ``build_model``, ``list_models`` (imported lazily, so that
-``import ppcls_ft.data`` does not pay for the model zoo).
+Public entry points: ``train``, ``evaluate``, ``export`` (``ppcls_ft/api.py``), ``Predictor``, ``load_config``,
+``build_model``, ``list_models``; imported lazily, so that ``import ppcls_ft.data`` does not pay
+for the model zoo.
 """
 import warnings
 
@@ -14,13 +15,20 @@ warnings.filterwarnings("ignore", message="No ccache found")
 CPU_VENDOR = prepare_cpu_env()
 
 __version__ = "0.1.0"
-__all__ = ["load_config", "build_model", "list_models", "__version__"]
+__all__ = ["train", "evaluate", "export", "Predictor", "load_config", "build_model", "list_models",
+           "__version__"]
 
 
 def __getattr__(name):
     if name == "load_config":
         from .config import load_config
         return load_config
+    if name in ("train", "evaluate", "export"):
+        from . import api
+        return getattr(api, name)
+    if name == "Predictor":
+        from .predictor import Predictor
+        return Predictor
     if name in ("build_model", "list_models"):
         from . import models
         return getattr(models, name)

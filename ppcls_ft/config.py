@@ -35,6 +35,7 @@ GLOBAL_SCHEMA = {
     "save_inference_dir": (str,), "to_static": (bool,), "seed": (int, None),
     "update_freq": (int,), "class_num": (int,), "export_onnx": (bool,),
     "cpu_threads": (int, None), "use_dali": (bool,), "auto_resume": (bool,),
+    "early_stop_patience": (int, None), "early_stop_min_delta": NUMBER,
 }
 AMP_SCHEMA = {
     "use_amp": (bool,), "level": (str,), "scale_loss": NUMBER, "use_dynamic_loss_scaling": (bool,),

@@ -60,6 +60,13 @@ def test_two_process_eval_counts_every_image_once(runs, tmp_path):
     assert single["loss"] == pytest.approx(rec[1]["eval_loss"], rel=1e-6)
     one = json.loads((runs["one"] / "train_results.json").read_text())["epochs"]
     assert [r["eval_top1"] for r in one] == pytest.approx([r["eval_top1"] for r in rec])
+    # per-class results of the 2-process run (its best epoch) equal a 1-process eval of best_model
+    per_class = json.loads((two / "eval_results.json").read_text())
+    cfg = load_config(config(tmp_path / "ev_best", *runs["data"], batch=4),
+                      [f"Global.pretrained_model={two / 'best_model'}"])
+    single = evaluate_config(cfg)
+    assert per_class["images"] == 13 and np.sum(per_class["confusion_matrix"]) == 13
+    assert per_class["confusion_matrix"] == single["confusion_matrix"]
 
 
 def test_only_rank_zero_writes_and_the_start_line_states_the_batch(runs):

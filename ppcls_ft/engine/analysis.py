@@ -148,3 +148,15 @@ def confusion_png(results):
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return buf.getvalue()
+
+
+def format_per_class(results, worst=10):
+    """The per-class table for the log, worst recall first (at most ``worst`` rows)."""
+    rows = sorted(results["per_class"], key=lambda r: (r["recall"], r["class_id"]))[:worst]
+    lines = [f"per class (worst recall first; {len(results['per_class'])} classes): "
+             "class_id name precision recall f1 support"]
+    lines += [f"  {r['class_id']:>4} {r['name'][:28]:<28} {r['precision']:.3f} {r['recall']:.3f} "
+              f"{r['f1']:.3f} {r['support']}" for r in rows]
+    for p in results["most_confused"][:3]:
+        lines.append(f"  confused: {p['count']} x {p['true']['name']} predicted as {p['predicted']['name']}")
+    return "\n".join(lines)

@@ -46,8 +46,41 @@ ADVICE = {
 }
 
 
-def diagnose(history, diverged_at=None):
-    """Return ``{"verdict", "reason", "advice"}`` from the per-epoch records."""
+def early_stop(history, glob):
+    """Why to stop now, or None: ``Global.early_stop_patience`` evaluations in a row without a
+    val top-1 gain of at least ``Global.early_stop_min_delta`` (default 0) over the best so far.
+    A pure function of the history, so a resumed run stops where the uninterrupted one would."""
+    patience = glob.get("early_stop_patience")
+    if not patience:
+        return None
+    delta = float(glob.get("early_stop_min_delta") or 0.0)
+    ref, ref_epoch, stale = None, None, 0
+    for r in history:
+        v = r.get("eval_top1")
+        if v is None:
+            continue
+        if ref is None or v > ref + delta:
+            ref, ref_epoch, stale = v, r["epoch"], 0
+        else:
+            stale += 1
+    if stale < int(patience):
+        return None
+    return (f"val top-1 did not improve by more than {delta:g} over {ref:.4f} (epoch {ref_epoch}) "
+            f"in {stale} evaluations (Global.early_stop_patience {patience}); best_model is the "
+            "best epoch")
+
+
+def diagnose(history, diverged_at=None, stopped=None):
+    """Return ``{"verdict", "reason", "advice"}`` from the per-epoch records; ``stopped`` (the
+    early-stop reason) is prefixed to the reason."""
+    out = _diagnose(history, diverged_at)
+    if stopped:
+        out["reason"] = f"stopped early: {stopped}. {out['reason']}"
+        out["stopped_early"] = True
+    return out
+
+
+def _diagnose(history, diverged_at):
     if diverged_at is not None:
         return _verdict("diverged", f"loss became NaN/inf at {diverged_at}; the last good "
                                     "checkpoint is output_dir/latest")

@@ -9,7 +9,9 @@ from ..errors import ConfigError
 from ..predictor import format_result, list_images, read_label_file, topk_results
 from ..utils.logger import format_values, get_logger
 from .builder import build_eval_parts, build_model_for, build_train_parts, class_num_of
+from .analysis import ClassStats, format_per_class, write_eval_results
 from .evaluate import evaluate
+from .report import class_results
 from .trainer import Trainer
 
 def train(cfg):
@@ -31,10 +33,18 @@ def evaluate_config(cfg):
     if not (cfg["Global"].get("pretrained_model") or cfg["Arch"].get("pretrained")):
         raise ConfigError("Global.pretrained_model", "is required to evaluate (the weights to test)")
     parts = build_eval_parts(cfg)
-    result = evaluate(parts, parts.model)
+    stats = ClassStats(parts.model.class_num)
+    result = evaluate(parts, parts.model, stats)
     images = result.pop("images")
     parts.logger.info(f"[Eval][Avg]{format_values(result)} ({images} images)")
-    return result
+    per_class = class_results(cfg, stats, parts.eval_loader)
+    if paddle.distributed.get_rank() == 0:
+        out = Path(cfg["Global"].get("output_dir", "./output"))
+        path, png = write_eval_results(out, per_class)
+        parts.logger.info(f"per-class results: {path}, {png}")
+        parts.logger.info(format_per_class(per_class))
+    return result | {"per_class": per_class["per_class"],
+                     "confusion_matrix": per_class["confusion_matrix"]}
 
 
 def infer(cfg):

@@ -24,8 +24,10 @@ from ..utils import distributed as dist
 from ..utils.logger import format_eta, format_values
 from ..utils.seeding import BATCH_OP, SeedTree
 from .checkpoint import build_states, float32_state, save_checkpoint
-from .diagnosis import diagnose, format_diagnosis
+from .diagnosis import diagnose, early_stop, format_diagnosis
+from .analysis import ClassStats, format_per_class
 from .evaluate import Average, evaluate
+from .report import class_results, write_run_report
 from .strategies import unwrap
 from .resume import restore, resume_source
 from .train_state import TrainState
@@ -60,6 +62,8 @@ class Trainer:
         self._retired = []                 # earlier DataParallel wrappers (see _wrap)
         self._pending = False              # a backward ran since the last optimizer step
         self._loss_keys = self._probe_loss_keys()
+        self._last_stats = self._best_stats = None  # (epoch, analysis.ClassStats) of evals
+        self._best_results = None
         if parts.batch_op is not None:
             self.log.info("train top-k is not reported: the batch operator mixes labels, so accuracy "
                           "against one label is meaningless (eval top-k is unaffected)")
@@ -85,7 +89,7 @@ class Trainer:
         strategy = self.p.strategy
         if strategy.active or strategy.freeze_bn_stats:
             self.log.info(f"fine-tuning strategy: {strategy.describe()}")
-        diverged_at = None
+        diverged_at = stopped = None
         try:
             for epoch in range(self.state.epoch + 1, self.epochs + 1):
                 record = self.train_epoch(epoch)
@@ -94,17 +98,22 @@ class Trainer:
                 self.state.history.append(record)
                 self.state.epoch = epoch
                 self.save_epoch(epoch, record)
+                stopped = early_stop(self.state.history, self.glob)
+                if stopped:
+                    self.log.info(f"early stop after epoch {epoch}: {stopped}")
+                    break
         except TrainingDiverged as exc:
             diverged_at = str(exc)
             self.log.error(f"training stopped: {exc}. Nothing was saved after the last good epoch.")
-        verdict = diagnose(self.state.history, diverged_at)
-        self.write_results(verdict, diverged_at)
+        verdict = diagnose(self.state.history, diverged_at, stopped)
+        self.write_results(verdict, diverged_at, stopped)
         self.log.info(format_diagnosis(verdict))
         if self.p.writer is not None:
             self.p.writer.close()
         st = self.state
         return {"history": st.history, "best_top1": st.best_top1, "best_epoch": st.best_epoch,
-                "diagnosis": verdict, "diverged_at": diverged_at}
+                "diagnosis": verdict, "diverged_at": diverged_at, "stopped_early": stopped,
+                "eval_results": self._best_results}
 
     def reseed(self, epoch):
         tree, rank = SeedTree(self.state.seed), self.rank
@@ -276,7 +285,9 @@ class Trainer:
                and (epoch % int(g.get("eval_interval", 1)) == 0 or epoch == self.epochs))
         if not due:
             return {}
-        metrics = evaluate(self.p, self.inner)
+        stats = ClassStats(self.inner.class_num)
+        metrics = evaluate(self.p, self.inner, stats)
+        self._last_stats = (epoch, stats)
         images = metrics.pop("images")
         result = {f"eval_{k}": v for k, v in metrics.items()}
         if self.p.ema is not None:
@@ -309,6 +320,7 @@ class Trainer:
         st.strategy = self.p.strategy.state_dict()
         if top1 is not None and top1 > st.best_top1:
             st.best_top1, st.best_epoch = top1, epoch
+            self._best_stats = self._last_stats
             self.save("best_model")
             self.log.info(f"[Eval][Epoch {epoch}] best top1 so far: {top1:.5f} -> best_model")
         self.save("latest")
@@ -316,15 +328,26 @@ class Trainer:
             self.save(f"epoch_{epoch}")
         self.write_results(None, None)
 
-    def write_results(self, verdict, diverged_at):
+    def write_results(self, verdict, diverged_at, stopped=None):
+        """``train_results.json``; at the end (``verdict`` given) also the per-class results of
+        the best epoch seen in this process and ``report.html``."""
         if self.rank != 0:
             return
         os.makedirs(self.output_dir, exist_ok=True)
         st = self.state
         data = {"epochs": st.history, "best_epoch": st.best_epoch,
                 "best_top1": st.best_top1 if st.best_known else None,
-                "diverged_at": diverged_at, "diagnosis": verdict}
+                "diverged_at": diverged_at, "stopped_early": stopped, "diagnosis": verdict}
         path = os.path.join(self.output_dir, "train_results.json")
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2)
         os.replace(path + ".tmp", path)
+        if verdict is None:
+            return
+        chosen = self._best_stats or self._last_stats
+        if chosen is not None:
+            self._best_results = class_results(self.cfg, chosen[1], self.p.eval_loader, chosen[0])
+            self.log.info(f"epoch {chosen[0]} " + format_per_class(self._best_results))
+        report = write_run_report(self.output_dir, self.cfg, st.history, verdict,
+                                  self._best_results, stopped)
+        self.log.info(f"report: {report}")
