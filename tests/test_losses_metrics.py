@@ -72,17 +72,37 @@ def test_class_weight_length_mismatch_names_the_config_path():
         loss(paddle.to_tensor(LOGITS), paddle.to_tensor(LABELS))
 
 
-def test_build_loss_consumes_weight_and_sums_terms():
-    loss = build_loss([{"CELoss": {"weight": 0.5, "epsilon": 0.1}}], "Loss.Train")
+def test_lone_loss_weight_is_ignored_like_paddleclas_and_logged(caplog):
+    from ppcls_ft import config as C
+    C._warned.discard("Loss.Train.0.CELoss.weight")
+    logger = logging.getLogger("ppcls_ft")
+    logger.addHandler(caplog.handler)
+    try:
+        loss = build_loss([{"CELoss": {"weight": 0.5, "epsilon": 0.1}}], "Loss.Train")
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "Loss.Train.0.CELoss.weight" in caplog.text and "no effect" in caplog.text
     logits = paddle.to_tensor(LOGITS, stop_gradient=False)
     out = loss(logits, paddle.to_tensor(LABELS))
     assert set(out) == {"CELoss", "loss"}
-    assert float(out["loss"]) == pytest.approx(0.5 * float(out["CELoss"]), rel=1e-6)
+    assert float(out["loss"]) == pytest.approx(float(out["CELoss"]), rel=1e-6)
     out["loss"].backward()
-    # d(mean CE)/dz = (softmax - q)/N, times the weight 0.5
+    # d(mean CE)/dz = (softmax - q)/N, unweighted
     sm = np.exp(log_softmax(LOGITS))
     q = np.eye(3)[LABELS] * 0.9 + 0.1 / 3
-    np.testing.assert_allclose(logits.grad.numpy(), 0.5 * (sm - q) / 4, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(logits.grad.numpy(), (sm - q) / 4, rtol=1e-4, atol=1e-7)
+
+
+def test_combined_loss_weights_each_term():
+    from ppcls_ft.losses import CombinedLoss
+
+    class Half(paddle.nn.Layer):
+        def forward(self, logits, target):
+            return {"Half": logits.mean() * 0 + 2.0}
+
+    loss = CombinedLoss([CELoss(), Half()], [0.5, 3.0])
+    out = loss(paddle.to_tensor(LOGITS), paddle.to_tensor(LABELS))
+    assert float(out["loss"]) == pytest.approx(0.5 * float(out["CELoss"]) + 3.0 * 2.0, rel=1e-6)
 
 
 def test_build_loss_class_weight_auto_from_counts():
@@ -172,3 +192,4 @@ def test_every_shared_paddleclas_loss_and_metric_section_builds(shared):
             metrics.update(TIE_LOGITS, TIE_LABELS)
             if cfg["Metric"].get(mode):
                 assert metrics.accumulate()["top1"] == pytest.approx(0.5), f.name
+
