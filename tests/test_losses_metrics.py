@@ -193,3 +193,41 @@ def test_every_shared_paddleclas_loss_and_metric_section_builds(shared):
             if cfg["Metric"].get(mode):
                 assert metrics.accumulate()["top1"] == pytest.approx(0.5), f.name
 
+
+def _tpr_at_fpr_bruteforce(pos, neg, max_fpr):
+    """PaddleClas's loop, written out: thresholds i/10000, best TPR with FPR <= max_fpr."""
+    best, best_t = 0.0, None
+    for i in range(10000):
+        t = i / 10000
+        tpr = np.mean(np.asarray(pos) > t)
+        fpr = np.mean(np.asarray(neg) > t) if len(neg) else 0.0
+        if fpr <= max_fpr and tpr > best:
+            best, best_t = tpr, t
+    return best, best_t
+
+
+def test_tpr_at_fpr_matches_the_threshold_sweep():
+    from ppcls_ft.metrics import TprAtFpr
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(200, 2)).astype("float32")
+    labels = rng.integers(0, 2, 200)
+    logits[labels == 1, 1] += 1.5  # positives score higher on average
+    metric = TprAtFpr(max_fpr=0.05)
+    for lo in range(0, 200, 64):  # batches of 64, 64, 64, 8
+        assert metric.update(logits[lo:lo + 64], labels[lo:lo + 64, None]) == {}
+    z = logits.astype(np.float64)
+    p1 = np.exp(z[:, 1]) / np.exp(z).sum(axis=1)
+    want, want_t = _tpr_at_fpr_bruteforce(p1[labels == 1], p1[labels == 0], 0.05)
+    got = metric.accumulate()
+    assert 0 < want < 1
+    assert got["tpr"] == pytest.approx(want) and got["tpr_threshold"] == pytest.approx(want_t)
+    metric.reset()
+    assert metric.accumulate()["tpr"] == 0.0
+
+
+def test_tpr_at_fpr_builds_from_pulc_yaml():
+    metrics = build_metrics([{"TprAtFpr": None}, {"TopkAcc": {"topk": [1, 2]}}], "Metric.Eval")
+    logits = np.array([[0.0, 3.0], [3.0, 0.0], [0.0, 2.0]], "float32")
+    metrics.update(logits, np.array([1, 0, 1]))
+    out = metrics.accumulate()
+    assert out["tpr"] == 1.0 and out["top1"] == 1.0
