@@ -12,6 +12,7 @@ constructor signature of the registered class they name (``registry.check_kwargs
 only holds the schema of the plain sections (``Global``, ``AMP``, ``EMA``, ``FineTune``, ...).
 """
 import copy
+import logging
 import re
 from pathlib import Path
 
@@ -36,6 +37,8 @@ GLOBAL_SCHEMA = {
     "update_freq": (int,), "class_num": (int,), "export_onnx": (bool,),
     "cpu_threads": (int, None), "use_dali": (bool,), "auto_resume": (bool,),
     "early_stop_patience": (int, None), "early_stop_min_delta": NUMBER,
+    # PaddleClas keys accepted so its configs load unchanged; see NO_EFFECT for what they do here.
+    "image_channel": (int,), "use_multilabel": (bool,),
 }
 AMP_SCHEMA = {
     "use_amp": (bool,), "level": (str,), "scale_loss": NUMBER, "use_dynamic_loss_scaling": (bool,),
@@ -49,14 +52,46 @@ FINETUNE_SCHEMA = {
 }
 LOADER_SCHEMA = {"num_workers": (int,), "use_shared_memory": (bool,)}
 TOPK_SCHEMA = {"name": (str,), "topk": (int,), "class_id_map_file": (str, None)}
+# PaddleClas ThreshOutput: binary PULC models report class 1 when its softmax score >= threshold.
+THRESH_SCHEMA = {"name": (str,), "threshold": NUMBER, "label_0": (str,), "label_1": (str,)}
+POSTPROCESS_SCHEMAS = {"Topk": TOPK_SCHEMA, "ThreshOutput": THRESH_SCHEMA}
 INFER_SCHEMA = {"infer_imgs": (str, list), "batch_size": (int,), "transforms": (list,),
                 "PostProcess": (dict, None)}
 SECTIONS = ("Global", "Arch", "Loss", "Optimizer", "DataLoader", "Infer", "Metric", "AMP", "EMA",
-            "FineTune")
+            "FineTune", "Slim")
 REQUIRED_SECTIONS = ("Global", "Arch")
 # Arch keys consumed by models.build_model itself rather than the constructor.
+# ``use_sync_bn`` is read by the engine (SyncBatchNorm conversion on multi-device runs).
 ARCH_BUILDER_KEYS = ("name", "pretrained", "use_ssld", "pretrained_variant", "load_strict",
-                     "use_imagenet22kto1k_pretrained", "use_imagenet22k_pretrained")
+                     "use_imagenet22kto1k_pretrained", "use_imagenet22k_pretrained", "use_sync_bn")
+
+# Keys PaddleClas accepts that change nothing here: each is logged once when a config sets it.
+NO_EFFECT = {
+    "Global.image_channel": "PaddleClas configs use it only as a YAML anchor; the channel count "
+                            "comes from Global.image_shape and Arch.input_image_channel",
+    "Slim": "quantisation and pruning (PaddleSlim) are not supported; the model trains in float "
+            "without them",
+    "Infer.PostProcess": "ThreshOutput post-processing is not implemented: infer and the exported "
+                         "model report top-k classes and scores instead",
+}
+_LOG = logging.getLogger("ppcls_ft")
+_warned = set()
+
+
+def warn_no_effect(key, why):
+    """Log once per process that ``key`` is accepted but has no effect here, and why."""
+    if key in _warned:
+        return
+    _warned.add(key)
+    _LOG.warning("%s is accepted but has no effect in ppcls_ft: %s", key, why)
+
+
+# Names that make a config multi-label (sigmoid per class, a label vector per image). Training
+# them needs another dataset, loss, metric and head, which ppcls_ft does not have.
+_MULTILABEL_NAMES = ("MultiLabelDataset", "MultiLabelLoss", "MultiLabelAsymmetricLoss",
+                     "MultiLabelMAP", "ATTRMetric", "AttrDataset", "MultiLabelThreshOutput")
+MULTILABEL_MESSAGE = ("multi-label (attribute) classification is not supported by ppcls_ft, "
+                      "which trains single-label classifiers only")
 
 
 def to_number(value):
@@ -243,10 +278,63 @@ def _check_dataloader(section, path):
     check_schema(section.get("loader"), LOADER_SCHEMA, f"{path}.loader")
 
 
+def _named_in(entries):
+    """Names of a ``[{Name: {...}}, ...]`` list (anything else yields nothing)."""
+    for entry in entries if isinstance(entries, list) else ():
+        if isinstance(entry, dict) and len(entry) == 1:
+            yield next(iter(entry))
+
+
+def refuse_multilabel(cfg):
+    """ConfigError naming the first key that makes ``cfg`` a multi-label config, else None."""
+    glob = cfg.get("Global") if isinstance(cfg.get("Global"), dict) else {}
+    if glob.get("use_multilabel"):
+        raise ConfigError("Global.use_multilabel", f"is True: {MULTILABEL_MESSAGE}")
+    if "MLDecoder" in cfg:
+        raise ConfigError("MLDecoder", f"is the multi-label ML-Decoder head: {MULTILABEL_MESSAGE}")
+    found = []
+    for mode in ("Train", "Eval"):
+        for section in ("Loss", "Metric"):
+            names = _named_in((cfg.get(section) or {}).get(mode) if isinstance(cfg.get(section), dict) else None)
+            found += [(f"{section}.{mode}.{i}.{n}", n) for i, n in enumerate(names)]
+        loader = (cfg.get("DataLoader") or {}).get(mode) if isinstance(cfg.get("DataLoader"), dict) else None
+        dataset = loader.get("dataset") if isinstance(loader, dict) else None
+        if isinstance(dataset, dict):
+            found.append((f"DataLoader.{mode}.dataset.name", dataset.get("name")))
+    post = (cfg.get("Infer") or {}).get("PostProcess") if isinstance(cfg.get("Infer"), dict) else None
+    if isinstance(post, dict):
+        found.append(("Infer.PostProcess.name", post.get("name")))
+    for key, name in found:
+        if name in _MULTILABEL_NAMES:
+            raise ConfigError(key, f"{name} is multi-label: {MULTILABEL_MESSAGE}")
+
+
+def _check_postprocess(post):
+    if post is None:
+        return
+    if not isinstance(post, dict):
+        raise ConfigError("Infer.PostProcess", f"must be a mapping with a name, got {post!r}")
+    name = post.get("name", "Topk")
+    if name not in POSTPROCESS_SCHEMAS:
+        raise ConfigError("Infer.PostProcess.name", f"unknown post-process {name!r}"
+                                                    f"{closest(name, POSTPROCESS_SCHEMAS)}; choices: "
+                                                    f"{', '.join(POSTPROCESS_SCHEMAS)}")
+    check_schema(post, POSTPROCESS_SCHEMAS[name], "Infer.PostProcess")
+    if name == "ThreshOutput":
+        if "threshold" not in post:
+            raise ConfigError("Infer.PostProcess", "ThreshOutput needs threshold (the class-1 score "
+                                                   "above which class 1 is reported, e.g. 0.9)")
+        warn_no_effect("Infer.PostProcess", NO_EFFECT["Infer.PostProcess"])
+
+
 def validate_config(cfg):
-    """Raise ConfigError for the first unknown section/key, wrong type or missing required key."""
+    """Raise ConfigError for the first unknown section/key, wrong type or missing required key.
+
+    A multi-label config is refused first, with one line naming the key that makes it so.
+    """
     from . import registry as R
     _import_components()
+    refuse_multilabel(cfg)
     for name in cfg:
         if name not in SECTIONS:
             raise ConfigError(name, f"unknown section{closest(name, SECTIONS)}; sections: {', '.join(SECTIONS)}")
@@ -274,10 +362,16 @@ def validate_config(cfg):
     check_schema(infer, INFER_SCHEMA, "Infer")
     if infer:
         _check_named_list(R.TRANSFORMS, infer.get("transforms"), "Infer.transforms")
-        check_schema(infer.get("PostProcess"), TOPK_SCHEMA, "Infer.PostProcess")
+        _check_postprocess(infer.get("PostProcess"))
     check_schema(cfg.get("AMP"), AMP_SCHEMA, "AMP")
     check_schema(cfg.get("EMA"), EMA_SCHEMA, "EMA")
     check_schema(cfg.get("FineTune"), FINETUNE_SCHEMA, "FineTune")
+    if cfg.get("Slim") is not None:
+        if not isinstance(cfg["Slim"], dict):
+            raise ConfigError("Slim", f"must be a mapping (PaddleSlim options), got {cfg['Slim']!r}")
+        warn_no_effect("Slim", NO_EFFECT["Slim"])
+    if "image_channel" in cfg["Global"]:
+        warn_no_effect("Global.image_channel", NO_EFFECT["Global.image_channel"])
     shape = cfg["Global"].get("image_shape")
     if shape is not None and (len(shape) != 3 or not all(isinstance(v, int) and v > 0 for v in shape)):
         raise ConfigError("Global.image_shape", f"must be [channels, height, width], got {shape!r}")

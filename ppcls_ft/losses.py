@@ -133,6 +133,13 @@ def build_loss(loss_list, path: str = "Loss.Train", *, class_counts: Optional[li
         weight = kwargs.pop("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise ConfigError(f"{here}.weight", f"must be a number, got {weight!r}")
+        if len(loss_list) == 1 and weight != 1.0:
+            # PaddleClas returns a lone loss unweighted; configs written for it (weight: 0.5 on
+            # their only loss) must train the same here, so the weight is dropped, and said so.
+            from .config import warn_no_effect
+            warn_no_effect(f"{here}.weight", "a lone loss is used unweighted, as in PaddleClas; "
+                                             "weights only balance two or more losses")
+            weight = 1.0
         if name in seen:
             raise ConfigError(here, f"{name} is listed twice; merge the entries")
         seen.add(name)

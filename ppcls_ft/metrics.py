@@ -92,6 +92,79 @@ class TopkAcc:
     def accumulate(self):
         return {f"top{k}": (self.correct[k] / self.count if self.count else 0.0) for k in self.topk}
 
+    def all_reduce(self):
+        """Sum the counts over devices (each rank saw a shard of the data)."""
+        counts = paddle.to_tensor([self.count] + [self.correct[k] for k in self.topk], dtype="int64")
+        paddle.distributed.all_reduce(counts)
+        values = counts.numpy().tolist()
+        self.count, self.correct = values[0], dict(zip(self.topk, values[1:]))
+
+
+def _softmax(z):
+    z = np.asarray(z, dtype=np.float64)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@METRICS.register
+class TprAtFpr:
+    """Binary PULC metric: the best true-positive rate at a false-positive rate <= ``max_fpr``.
+
+    YAML: ``- TprAtFpr:`` or ``- TprAtFpr: {max_fpr: 0.001}``. The score of a sample is the
+    softmax probability of class 1; label 1 is positive, any other label negative. As in
+    PaddleClas, thresholds ``t = i / 10000`` (i = 0..9999) are tried, a sample counts as positive
+    when its score is ``> t``, and the largest TPR whose FPR is within ``max_fpr`` is reported as
+    ``tpr`` with its threshold as ``tpr_threshold``. With no negatives the FPR is taken as 0.
+    ``top1`` still picks the best model (list TopkAcc too, as the PULC configs do).
+    """
+
+    STEPS = 10000  # PaddleClas's threshold grid
+
+    def __init__(self, max_fpr: float = 1 / 1000.):
+        if not 0.0 <= max_fpr <= 1.0:
+            raise ConfigError("max_fpr", f"is a rate in [0, 1], got {max_fpr}")
+        self.max_fpr = float(max_fpr)
+        self.reset()
+
+    def reset(self):
+        self.pos_scores, self.neg_scores = [], []
+
+    def update(self, logits, labels):
+        """Keep this batch's class-1 scores; returns {} (one batch gives no useful rate)."""
+        z = _numpy(logits)
+        z = z.reshape(z.shape[0], -1)
+        if z.shape[1] < 2:
+            raise ValueError(f"TprAtFpr needs at least 2 classes (score = P(class 1)), got {z.shape[1]}")
+        y = _labels(labels, z.shape[1])
+        score = _softmax(z)[:, 1]
+        self.pos_scores.extend(score[y == 1].tolist())
+        self.neg_scores.extend(score[y != 1].tolist())
+        return {}
+
+    def accumulate(self):
+        pos, neg = np.asarray(self.pos_scores), np.asarray(self.neg_scores)
+        best, best_t = 0.0, None
+        if pos.size:
+            thresholds = np.arange(self.STEPS) / self.STEPS
+            # counts of scores > t for every t at once: sorted scores + searchsorted (side=right)
+            tpr = (pos.size - np.searchsorted(np.sort(pos), thresholds, side="right")) / pos.size
+            if neg.size:
+                fpr = (neg.size - np.searchsorted(np.sort(neg), thresholds, side="right")) / neg.size
+            else:
+                fpr = np.zeros_like(tpr)
+            ok = np.flatnonzero(fpr <= self.max_fpr)
+            if ok.size:
+                i = ok[np.argmax(tpr[ok])]  # first (lowest) threshold reaching the best TPR
+                best, best_t = float(tpr[i]), float(thresholds[i])
+        return {"tpr": best, "tpr_threshold": best_t if best_t is not None else 0.0}
+
+    def all_reduce(self):
+        """Gather every rank's scores (a rate is not a sum of per-rank rates)."""
+        gathered = []
+        paddle.distributed.all_gather_object(gathered, (self.pos_scores, self.neg_scores))
+        self.pos_scores = [s for pos, _ in gathered for s in pos]
+        self.neg_scores = [s for _, neg in gathered for s in neg]
+
 
 class MetricSet:
     """All metrics of one ``Metric.Train``/``Metric.Eval`` list behind one interface."""
@@ -120,10 +193,7 @@ class MetricSet:
         if paddle.distributed.get_world_size() < 2:
             return
         for m in self.metrics:
-            counts = paddle.to_tensor([m.count] + [m.correct[k] for k in m.topk], dtype="int64")
-            paddle.distributed.all_reduce(counts)
-            values = counts.numpy().tolist()
-            m.count, m.correct = values[0], dict(zip(m.topk, values[1:]))
+            m.all_reduce()
 
     def __len__(self):
         return len(self.metrics)

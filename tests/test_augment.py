@@ -37,7 +37,7 @@ UINT8_OPS = {
 
 def test_all_ops_registered_and_build_from_yaml_values():
     for name in ("TimmAutoAugment", "AutoAugment", "RandAugment", "RandomErasing", "Cutout",
-                 "ColorJitter"):
+                 "ColorJitter", "GridMask", "HideAndSeek", "PCALighting", "RandomRot90", "BlurImage"):
         assert name in TRANSFORMS
     # the Swin config's values, with sh already converted from "1.0/3.0" by the config loader
     op = TRANSFORMS.build("RandomErasing", {"EPSILON": 0.25, "sl": 0.02, "sh": 1.0 / 3.0, "r1": 0.3,
@@ -113,7 +113,8 @@ def test_bad_interpolation_and_mean_are_config_errors():
     with pytest.raises(ConfigError, match="TimmAutoAugment.mean"):
         aug.TimmAutoAugment(mean=[123.7, 116.3, 103.5])
     assert aug.TimmAutoAugment(mean=[0.485, 0.456, 0.406]).hparams["fill"] == (124, 116, 104)
-    assert aug.TimmAutoAugment().hparams["fill"] == (128, 128, 128)
+    # no mean: PaddleClas (and timm) fill with the ImageNet mean, not grey 128
+    assert aug.TimmAutoAugment().hparams["fill"] == (124, 116, 104)
 
 
 GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
@@ -234,3 +235,148 @@ def test_color_jitter_zero_is_identity_and_validates():
 def test_policy_ops_reject_float_images():
     with pytest.raises(ValueError, match="before NormalizeImage"):
         aug.TimmAutoAugment()(_normalized())
+
+
+# ---------------------------------------------------------------- ops PaddleClas configs use
+
+def test_timm_autoaugment_prob_zero_is_identity_and_one_draw_per_image():
+    img = _images(1)[0]
+    off = aug.TimmAutoAugment(config_str="rand-m9-mstd0.5-inc1", prob=0.0)
+    random.seed(0)
+    np.random.seed(0)
+    assert off(img) is img  # PULC configs switch the policy off with prob: 0.0
+    on = aug.TimmAutoAugment(config_str="rand-m9-mstd0.5-inc1", prob=1.0)
+    assert any(not np.array_equal(_seeded(on, img, s), img) for s in range(3))
+    with pytest.raises(ConfigError, match="TimmAutoAugment.prob"):
+        aug.TimmAutoAugment(prob=1.5)
+
+
+def test_cutout_fill_value_constant_and_random_colour():
+    img = np.full((20, 20, 3), 7, np.uint8)
+    out = _seeded(aug.Cutout(n_holes=1, length=8, fill_value=[1, 2, 3]), img, 0)
+    hole = np.all(out != 7, axis=2)
+    assert hole.any() and set(map(tuple, out[hole])) == {(1, 2, 3)}
+    default = _seeded(aug.Cutout(n_holes=1, length=8), img, 0)
+    np.testing.assert_array_equal(np.all(default == 0, axis=2), hole)  # same box, zeros
+    colour = _seeded(aug.Cutout(n_holes=1, length=8, fill_value="none"), img, 0)
+    assert len(set(map(tuple, colour[hole]))) == 1  # one random colour for the whole hole
+    with pytest.raises(ConfigError, match="Cutout.fill_value"):
+        aug.Cutout(fill_value="black")
+
+
+def _gridmask_reference(h, w, d1, d2, ratio, mode, rotate):
+    """GridMask's mask written out again, from the paper's description, to check the op."""
+    hh, ww = int(1.5 * h), int(1.5 * w)
+    d = np.random.randint(d1, d2)
+    band = int(d * ratio + 0.5)
+    st_h, st_w = np.random.randint(d), np.random.randint(d)
+    rows = np.ones(hh, bool)
+    cols = np.ones(ww, bool)
+    for start in range(-d + st_h, hh, d):
+        rows[max(start, 0):max(start + band, 0)] = False
+    for start in range(-d + st_w, ww, d):
+        cols[max(start, 0):max(start + band, 0)] = False
+    np.random.randint(rotate)
+    mask = (rows[:, None] & cols[None, :]).astype(np.float32)
+    top, left = (hh - h) // 2, (ww - w) // 2
+    mask = mask[top:top + h, left:left + w]
+    return 1 - mask if mode == 1 else mask
+
+
+@pytest.mark.parametrize("mode", [0, 1])
+def test_gridmask_masks_height_and_width_of_an_hwc_image(mode):
+    img = np.ones((40, 56, 3), np.float32)
+    op = aug.GridMask(d1=8, d2=20, rotate=1, ratio=0.5, mode=mode, prob=1.0)
+    np.random.seed(3)
+    out = op(img)
+    np.random.seed(3)
+    np.random.rand()  # the op's probability draw
+    want = _gridmask_reference(40, 56, 8, 20, 0.5, mode, 1)
+    np.testing.assert_array_equal(out[..., 0], want)
+    assert np.array_equal(out[..., 0], out[..., 2])  # same mask on every channel
+    assert 0 < want.mean() < 1
+    chw = aug.GridMask(d1=8, d2=20, mode=mode)
+    np.random.seed(3)
+    np.testing.assert_array_equal(chw(img.transpose(2, 0, 1))[0], want)
+
+
+def test_gridmask_prob_and_bad_values():
+    img = np.ones((16, 16, 3), np.float32)
+    assert aug.GridMask(d1=4, d2=8, prob=0.0)(img) is img
+    with pytest.raises(ConfigError, match="GridMask.d1"):
+        aug.GridMask(d1=10, d2=5)
+
+
+def test_hide_and_seek_hides_whole_cells_with_half_probability():
+    img = np.ones((64, 96, 3), np.float32)
+    hidden, cells = 0, 0
+    for seed in range(30):
+        np.random.seed(seed)
+        random.seed(seed)
+        out = aug.HideAndSeek()(img)
+        np.random.seed(seed)
+        grid = int(np.random.choice(aug.HideAndSeek.GRID_SIZES))
+        if grid == 0:
+            assert out is img
+            continue
+        for y in range(0, 64, grid):
+            for x in range(0, 96, grid):
+                cell = out[y:y + grid, x:x + grid]
+                assert cell.min() == cell.max()  # a cell is hidden whole or not at all
+                hidden += int(cell.max() == 0)
+                cells += 1
+    assert img.min() == 1  # the input is untouched
+    assert 0.4 < hidden / cells < 0.6
+
+
+def test_pca_lighting_adds_one_rgb_shift_per_image():
+    img = np.full((6, 7, 3), 100, np.uint8)
+    np.random.seed(0)
+    out = aug.PCALighting()(img)
+    np.random.seed(0)
+    alpha = np.random.normal(0, 0.1, size=3).astype(np.float32)
+    eigval = np.array([0.2175, 0.0188, 0.0045], np.float32)
+    eigvec = np.array([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140],
+                       [-0.5836, -0.6948, 0.4203]], np.float32)
+    shift = eigvec @ (alpha * eigval)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out - 100.0, np.broadcast_to(shift, out.shape), atol=2e-5)  # float32 ulp at 100
+
+
+def test_random_rot90_label_is_the_number_of_quarter_turns():
+    img = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+    op = aug.RandomRot90()
+    seen = set()
+    for seed in range(20):
+        random.seed(seed)
+        out, k = op.labelled(img)
+        np.testing.assert_array_equal(out, np.rot90(img, k))
+        seen.add(k)
+    assert seen == {0, 1, 2, 3}
+
+
+def test_blur_image_label_says_whether_it_blurred():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    op = aug.BlurImage(ratio=0.5)
+    labels = []
+    for seed in range(30):
+        random.seed(seed)
+        np.random.seed(seed)
+        out, label = op.labelled(img)
+        labels.append(label)
+        assert out.dtype == np.uint8 and out.shape == img.shape
+        # blurring lowers the high-frequency energy of a noise image; no blur keeps it
+        energy = np.abs(np.diff(out.astype(np.float32), axis=1)).mean()
+        base = np.abs(np.diff(img.astype(np.float32), axis=1)).mean()
+        assert (energy < 0.8 * base) if label else np.array_equal(out, img)
+    assert 0 < sum(labels) < 30
+    assert aug.BlurImage(ratio=0.0).labelled(img) == (img, 0)
+
+
+def test_color_jitter_takes_paddleclas_prob_spelling():
+    img = _images(1)[0]
+    assert aug.ColorJitter(brightness=0.4, prob=0.0)(img) is img
+    assert aug.ColorJitter(brightness=0.4, prob=2).p == 1.0  # PaddleClas's default: always
+    with pytest.raises(ConfigError, match="ColorJitter.p"):
+        aug.ColorJitter(prob=-1)

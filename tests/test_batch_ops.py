@@ -141,3 +141,8 @@ def test_build_batch_op_errors():
         build_batch_op([{"MixupOperator": {"alpha": 0}}], K, path)
     with pytest.raises(ConfigError, match="use one, or OpSampler"):
         build_batch_op([{"MixupOperator": None}, {"CutmixOperator": None}], K, path)
+
+
+def test_cutmix_default_alpha_is_paddleclas_0_2():
+    assert CutmixOperator(class_num=K).alpha == 0.2
+    assert MixupOperator(class_num=K).alpha == 1.0  # PaddleClas's Mixup default

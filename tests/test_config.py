@@ -29,7 +29,7 @@ MINIMAL = textwrap.dedent("""
           transform_ops:
             - DecodeImage: {to_rgb: True}
             - RandCropImage: {size: 32}
-            - NormalizeImage: {scale: 1.0/255.0, mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5]}
+            - NormalizeImage: {scale: 1.0/255.0, mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5], order: ""}
         sampler: {name: DistributedBatchSampler, batch_size: 4, shuffle: True}
         loader: {num_workers: 0}
 """)
@@ -107,3 +107,98 @@ def test_apply_overrides_does_not_mutate_input():
     base = {"Global": {"epochs": 1}}
     out = apply_overrides(base, ["Global.epochs=2"])
     assert base["Global"]["epochs"] == 1 and out["Global"]["epochs"] == 2
+
+
+def _with(tmp_path, extra_yaml):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(MINIMAL + textwrap.dedent(extra_yaml))
+    return path
+
+
+@pytest.mark.parametrize("override, key", [
+    ("Global.use_multilabel=True", "Global.use_multilabel"),
+    ("Loss.Train.0={MultiLabelLoss: {weight: 1.0}}", "Loss.Train.0.MultiLabelLoss"),
+    ("DataLoader.Train.dataset.name=MultiLabelDataset", "DataLoader.Train.dataset.name"),
+    ("Metric={Eval: [{ATTRMetric: null}]}", "Metric.Eval.0.ATTRMetric"),
+    ("Infer={PostProcess: {name: MultiLabelThreshOutput}}", "Infer.PostProcess.name"),
+])
+def test_multilabel_config_is_refused_naming_the_key(cfg_file, override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg_file, [override])
+    message = str(err.value)
+    assert message.startswith(f"{key}: ") and "multi-label" in message and "\n" not in message
+
+
+def test_mldecoder_section_is_refused_as_multilabel(tmp_path):
+    path = _with(tmp_path, """
+        MLDecoder:
+          query_num: 80
+    """)
+    with pytest.raises(ConfigError, match=r"^MLDecoder: .*multi-label"):
+        load_config(path)
+
+
+def test_use_multilabel_false_is_accepted(cfg_file):
+    assert load_config(cfg_file, ["Global.use_multilabel=False"])["Global"]["use_multilabel"] is False
+
+
+def _captured_warnings(records, fn, *keys):
+    """Run ``fn`` with the once-only memory of ``keys`` cleared; log messages go to ``records``."""
+    import logging
+    from ppcls_ft import config as C
+
+    class ListHandler(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    for key in keys:
+        C._warned.discard(key)
+    logger, handler = logging.getLogger("ppcls_ft"), ListHandler()
+    logger.addHandler(handler)  # the ppcls_ft logger may not propagate (utils/logger.py)
+    try:
+        return fn()
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_keys_without_effect_are_accepted_and_logged_once(tmp_path):
+    path = _with(tmp_path, """
+        Slim:
+          quant:
+            name: pact
+        Infer:
+          infer_imgs: ./x.jpg
+          PostProcess:
+            name: ThreshOutput
+            threshold: 0.9
+            label_0: nobody
+            label_1: someone
+    """)
+    keys = ("Slim", "Global.image_channel", "Infer.PostProcess")
+    records = []
+    cfg = _captured_warnings(records, lambda: [load_config(path, ["Global.image_channel=4"]),
+                                               load_config(path, ["Global.image_channel=4"])][0], *keys)
+    assert cfg["Slim"] == {"quant": {"name": "pact"}}
+    for key in keys:
+        lines = [m for m in records if m.startswith(f"{key} ")]
+        assert len(lines) == 1 and "no effect" in lines[0], (key, lines)
+
+
+def test_postprocess_names_and_keys_are_checked(tmp_path):
+    path = _with(tmp_path, """
+        Infer:
+          infer_imgs: ./x.jpg
+          PostProcess: {name: ThreshOutput, threshold: 0.5}
+    """)
+    load_config(path)
+    with pytest.raises(ConfigError, match=r"Infer\.PostProcess\.label_2"):
+        load_config(path, ["Infer.PostProcess.label_2=x"])
+    with pytest.raises(ConfigError, match=r"Infer\.PostProcess\.name.*Topk"):
+        load_config(path, ["Infer.PostProcess.name=Top"])
+    with pytest.raises(ConfigError, match=r"Infer\.PostProcess.*threshold"):
+        load_config(path, ["Infer.PostProcess={name: ThreshOutput}"])
+
+
+def test_use_sync_bn_is_accepted_and_kept_for_the_engine(cfg_file):
+    cfg = load_config(cfg_file, ["Arch.use_sync_bn=True"])
+    assert cfg["Arch"]["use_sync_bn"] is True

@@ -189,3 +189,55 @@ def test_flowers5_eval_pipeline(shared):
     assert labels.dtype == np.int64 and ((labels >= 0) & (labels < 5)).all()
     assert skipped.tolist() == [0]
     assert -2.2 < images.min() < images.max() < 2.7  # ImageNet-normalised range
+
+
+def test_custom_label_dataset_takes_its_label_from_a_transform(tiny_dataset):
+    import random
+    from ppcls_ft.data.dataset import CustomLabelDataset
+    root, train_list, _ = tiny_dataset
+    paths = root / "paths.txt"
+    # PaddleClas keeps the text before the first delimiter when one is set
+    paths.write_text("".join(f"{line.split(' ')[0]}\textra\n" for line in
+                             train_list.read_text().splitlines()))
+    ds = CustomLabelDataset(image_root=str(root), sample_list_path=str(paths), delimiter="\t",
+                            label_key="random_rot90_orientation", class_num=4,
+                            transform_ops=[{"DecodeImage": None}, {"ResizeImage": {"size": [12, 8]}},
+                                           {"RandomRot90": None},
+                                           {"NormalizeImage": {"order": ""}}])
+    assert len(ds) == 12 and ds.labels.size == 0  # labels are drawn per load
+    shapes = {}
+    for seed in range(12):
+        random.seed(seed)
+        img, label = ds[seed % len(ds)]
+        assert img.dtype == np.float32 and label.dtype == np.int64
+        shapes.setdefault(int(label), img.shape)
+    # an odd number of quarter turns swaps height and width of the 8x12 image
+    assert all(shape == ((3, 12, 8) if k % 2 else (3, 8, 12)) for k, shape in shapes.items())
+    assert len(shapes) > 1
+
+
+def test_custom_label_dataset_errors_name_the_key(tiny_dataset):
+    from ppcls_ft.data.dataset import CustomLabelDataset
+    root, train_list, _ = tiny_dataset
+    kw = dict(image_root=str(root), sample_list_path=str(train_list))
+    with pytest.raises(ConfigError, match="label_key.*BlurImage"):
+        CustomLabelDataset(label_key="blur_image", transform_ops=[{"DecodeImage": None}], **kw)
+    with pytest.raises(ConfigError, match="Arch.class_num.*4"):
+        CustomLabelDataset(label_key="random_rot90_orientation", class_num=3,
+                           transform_ops=[{"DecodeImage": None}, {"RandomRot90": None}], **kw)
+    # without a delimiter the whole line is the path, as in PaddleClas: "x.jpg 0" does not exist
+    with pytest.raises(DataError, match="image not found"):
+        CustomLabelDataset(label_key="blur_image",
+                           transform_ops=[{"DecodeImage": None}, {"BlurImage": None}], **kw)
+
+
+def test_list_line_with_spaces_keeps_the_label_after_the_last_delimiter(tmp_path):
+    """PaddleClas splits on every delimiter and takes field 1, so 'a b.jpg 3' fails there;
+    here the label is the text after the last delimiter, so paths with spaces work."""
+    import cv2
+    root = tmp_path / "d"
+    (root / "x y").mkdir(parents=True)
+    cv2.imwrite(str(root / "x y" / "p q r.jpg"), np.full((8, 8, 3), 9, np.uint8))
+    (root / "l.txt").write_text("x y/p q r.jpg 2\n")
+    ds = _ds(root, root / "l.txt", class_num=3)
+    assert ds.samples == [(str(root / "x y" / "p q r.jpg"), 2)]

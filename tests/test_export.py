@@ -302,7 +302,8 @@ def test_onnx_export_matches_paddle_inference(tmp_path):
     model = build_model({"name": "ResNet18", "class_num": 3})
     ops = [{"DecodeImage": {"to_rgb": True}}, {"ResizeImage": {"resize_short": 64}},
            {"CropImage": {"size": 64}},
-           {"NormalizeImage": {"scale": 1 / 255, "mean": [0.5] * 3, "std": [0.5] * 3}}, {"ToCHWImage": None}]
+           {"NormalizeImage": {"scale": 1 / 255, "mean": [0.5] * 3, "std": [0.5] * 3, "order": ""}},
+           {"ToCHWImage": None}]
     out = export_dygraph(model, tmp_path / "m", [3, 64, 64], ops, ["a", "b", "c"], model_name="ResNet18")
     assert export_onnx_model(out, [3, 64, 64]) < 1e-4
     assert (out / "inference.onnx").stat().st_size > 1000

@@ -72,17 +72,37 @@ def test_class_weight_length_mismatch_names_the_config_path():
         loss(paddle.to_tensor(LOGITS), paddle.to_tensor(LABELS))
 
 
-def test_build_loss_consumes_weight_and_sums_terms():
-    loss = build_loss([{"CELoss": {"weight": 0.5, "epsilon": 0.1}}], "Loss.Train")
+def test_lone_loss_weight_is_ignored_like_paddleclas_and_logged(caplog):
+    from ppcls_ft import config as C
+    C._warned.discard("Loss.Train.0.CELoss.weight")
+    logger = logging.getLogger("ppcls_ft")
+    logger.addHandler(caplog.handler)
+    try:
+        loss = build_loss([{"CELoss": {"weight": 0.5, "epsilon": 0.1}}], "Loss.Train")
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "Loss.Train.0.CELoss.weight" in caplog.text and "no effect" in caplog.text
     logits = paddle.to_tensor(LOGITS, stop_gradient=False)
     out = loss(logits, paddle.to_tensor(LABELS))
     assert set(out) == {"CELoss", "loss"}
-    assert float(out["loss"]) == pytest.approx(0.5 * float(out["CELoss"]), rel=1e-6)
+    assert float(out["loss"]) == pytest.approx(float(out["CELoss"]), rel=1e-6)
     out["loss"].backward()
-    # d(mean CE)/dz = (softmax - q)/N, times the weight 0.5
+    # d(mean CE)/dz = (softmax - q)/N, unweighted
     sm = np.exp(log_softmax(LOGITS))
     q = np.eye(3)[LABELS] * 0.9 + 0.1 / 3
-    np.testing.assert_allclose(logits.grad.numpy(), 0.5 * (sm - q) / 4, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(logits.grad.numpy(), (sm - q) / 4, rtol=1e-4, atol=1e-7)
+
+
+def test_combined_loss_weights_each_term():
+    from ppcls_ft.losses import CombinedLoss
+
+    class Half(paddle.nn.Layer):
+        def forward(self, logits, target):
+            return {"Half": logits.mean() * 0 + 2.0}
+
+    loss = CombinedLoss([CELoss(), Half()], [0.5, 3.0])
+    out = loss(paddle.to_tensor(LOGITS), paddle.to_tensor(LABELS))
+    assert float(out["loss"]) == pytest.approx(0.5 * float(out["CELoss"]) + 3.0 * 2.0, rel=1e-6)
 
 
 def test_build_loss_class_weight_auto_from_counts():
@@ -172,3 +192,42 @@ def test_every_shared_paddleclas_loss_and_metric_section_builds(shared):
             metrics.update(TIE_LOGITS, TIE_LABELS)
             if cfg["Metric"].get(mode):
                 assert metrics.accumulate()["top1"] == pytest.approx(0.5), f.name
+
+
+def _tpr_at_fpr_bruteforce(pos, neg, max_fpr):
+    """PaddleClas's loop, written out: thresholds i/10000, best TPR with FPR <= max_fpr."""
+    best, best_t = 0.0, None
+    for i in range(10000):
+        t = i / 10000
+        tpr = np.mean(np.asarray(pos) > t)
+        fpr = np.mean(np.asarray(neg) > t) if len(neg) else 0.0
+        if fpr <= max_fpr and tpr > best:
+            best, best_t = tpr, t
+    return best, best_t
+
+
+def test_tpr_at_fpr_matches_the_threshold_sweep():
+    from ppcls_ft.metrics import TprAtFpr
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(200, 2)).astype("float32")
+    labels = rng.integers(0, 2, 200)
+    logits[labels == 1, 1] += 1.5  # positives score higher on average
+    metric = TprAtFpr(max_fpr=0.05)
+    for lo in range(0, 200, 64):  # batches of 64, 64, 64, 8
+        assert metric.update(logits[lo:lo + 64], labels[lo:lo + 64, None]) == {}
+    z = logits.astype(np.float64)
+    p1 = np.exp(z[:, 1]) / np.exp(z).sum(axis=1)
+    want, want_t = _tpr_at_fpr_bruteforce(p1[labels == 1], p1[labels == 0], 0.05)
+    got = metric.accumulate()
+    assert 0 < want < 1
+    assert got["tpr"] == pytest.approx(want) and got["tpr_threshold"] == pytest.approx(want_t)
+    metric.reset()
+    assert metric.accumulate()["tpr"] == 0.0
+
+
+def test_tpr_at_fpr_builds_from_pulc_yaml():
+    metrics = build_metrics([{"TprAtFpr": None}, {"TopkAcc": {"topk": [1, 2]}}], "Metric.Eval")
+    logits = np.array([[0.0, 3.0], [3.0, 0.0], [0.0, 2.0]], "float32")
+    metrics.update(logits, np.array([1, 0, 1]))
+    out = metrics.accumulate()
+    assert out["tpr"] == 1.0 and out["top1"] == 1.0

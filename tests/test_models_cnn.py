@@ -207,3 +207,49 @@ def test_drop_path_drops_whole_samples_and_keeps_the_mean():
     assert abs(float(y.mean()) - 1.0) < 0.05
     layer.eval()
     assert np.array_equal(layer(x).numpy(), x.numpy())
+
+
+def test_resnet18_dbb_keys_follow_paddleclas_and_it_trains():
+    """ResNet18_dbb.yaml: layer_type DiverseBranchBlock, use_first_short_conv False."""
+    model = MODELS.build("ResNet18", {"class_num": 3, "layer_type": "DiverseBranchBlock",
+                                      "use_first_short_conv": False})
+    keys = set(model.state_dict())
+    for suffix in ("dbb_origin.conv.weight", "dbb_origin.bn._variance", "dbb_1x1.conv.weight",
+                   "dbb_avg.conv.weight", "dbb_avg.bn.bn._mean", "dbb_avg.avgbn.weight",
+                   "dbb_1x1_kxk.idconv1.weight", "dbb_1x1_kxk.bn1.bn.bias",
+                   "dbb_1x1_kxk.conv2.weight", "dbb_1x1_kxk.bn2._mean"):
+        assert f"blocks.0.conv0.{suffix}" in keys and f"blocks.7.conv1.{suffix}" in keys
+    assert not any(k.startswith("blocks.0.short") for k in keys)  # identity first shortcut
+    assert "blocks.2.short.conv.weight" in keys and "stem.0.conv.weight" in keys
+    assert not any("id_tensor" in k for k in keys)
+    x = paddle.randn([2, 3, 32, 32])
+    model.train()
+    out = model(x)
+    assert out.shape == [2, 3]
+    out.mean().backward()
+    assert model.blocks[0].conv0.dbb_1x1_kxk.idconv1.weight.grad is not None
+
+
+def test_dbb_padded_bn_equals_bn_of_a_padded_input():
+    """The padding value is BN(0), so BN-then-pad equals pad-then-BN (what makes DBB foldable)."""
+    from ppcls_ft.models.dbb import _BNAndPad
+    layer = _BNAndPad(4, pad=1, lr_mult=1.0)
+    rng = np.random.default_rng(0)
+    for name in ("weight", "bias", "_mean"):
+        getattr(layer.bn, name).set_value(rng.normal(size=4).astype("float32"))
+    layer.bn._variance.set_value(rng.uniform(0.5, 2.0, 4).astype("float32"))
+    layer.eval()
+    x = paddle.to_tensor(rng.normal(size=(2, 4, 5, 6)).astype("float32"))
+    want = layer.bn(paddle.nn.functional.pad(x, [1, 1, 1, 1]))
+    np.testing.assert_allclose(layer(x).numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_dbb_branch_starts_as_identity_and_bad_layer_type_is_a_config_error():
+    from ppcls_ft.models.dbb import _IdentityConv1x1
+    conv = _IdentityConv1x1(3, 1.0)
+    x = paddle.randn([1, 3, 4, 4])
+    np.testing.assert_allclose(conv(x).numpy(), x.numpy(), rtol=1e-6)
+    with pytest.raises(ConfigError, match="Arch.layer_type"):
+        MODELS.build("ResNet18", {"layer_type": "DBB"})
+    with pytest.raises(ConfigError, match="Arch.use_first_short_conv"):
+        MODELS.build("ResNet50", {"use_first_short_conv": False})

@@ -26,7 +26,7 @@ def cfg_path(tmp_path, tiny_dataset):
     text += (f"Infer:\n  infer_imgs: {root / 'images'}\n  batch_size: 5\n  transforms:\n"
              "    - DecodeImage: {to_rgb: True}\n    - ResizeImage: {resize_short: 32}\n"
              "    - CropImage: {size: 32}\n"
-             "    - NormalizeImage: {scale: 1.0/255.0, mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5]}\n"
+             "    - NormalizeImage: {scale: 1.0/255.0, mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5], order: ''}\n"
              "    - ToCHWImage:\n"
              f"  PostProcess: {{name: Topk, topk: 2, class_id_map_file: {labels}}}\n")
     path.write_text(text)

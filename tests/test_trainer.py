@@ -41,7 +41,7 @@ DataLoader:
         - DecodeImage: {{to_rgb: True}}
         - RandCropImage: {{size: 32}}
         - RandFlipImage: {{flip_code: 1}}
-        - NormalizeImage: {{scale: 1.0/255.0, mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5]}}
+        - NormalizeImage: {{scale: 1.0/255.0, mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5], order: ""}}
     sampler: {{name: DistributedBatchSampler, batch_size: 4, shuffle: True, drop_last: False}}
     loader: {{num_workers: 0}}
   Eval:
@@ -53,7 +53,7 @@ DataLoader:
         - DecodeImage: {{to_rgb: True}}
         - ResizeImage: {{resize_short: 32}}
         - CropImage: {{size: 32}}
-        - NormalizeImage: {{scale: 1.0/255.0, mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5]}}
+        - NormalizeImage: {{scale: 1.0/255.0, mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5], order: ""}}
     sampler: {{name: DistributedBatchSampler, batch_size: 8, shuffle: False}}
     loader: {{num_workers: 0}}
 Metric:

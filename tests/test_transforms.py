@@ -32,14 +32,36 @@ def test_resize_size_backends_and_interpolations(backend, interp):
     assert T.ResizeImage(size=24, interpolation=interp, backend=backend)(_img(41, 57)).shape == (24, 24, 3)
 
 
-def test_resize_pil_default_is_bicubic_like_pillow():
+def test_resize_default_is_bilinear_on_both_backends_like_paddleclas():
     from PIL import Image
     img = _img(31, 45)
     ours = T.ResizeImage(size=[20, 13], backend="pil")(img)
-    ref = np.asarray(Image.fromarray(img).resize((20, 13), Image.BICUBIC))
+    ref = np.asarray(Image.fromarray(img).resize((20, 13), Image.BILINEAR))
     np.testing.assert_array_equal(ours, ref)
+    assert not np.array_equal(ours, np.asarray(Image.fromarray(img).resize((20, 13), Image.BICUBIC)))
     cv = T.ResizeImage(size=[20, 13])(img)
     np.testing.assert_array_equal(cv, cv2.resize(img, (20, 13), interpolation=cv2.INTER_LINEAR))
+
+
+@pytest.mark.parametrize("backend", ["cv2", "pil"])
+def test_random_interpolation_picks_bilinear_or_bicubic_only(backend):
+    from PIL import Image
+    img = _img(31, 45)
+    if backend == "cv2":
+        refs = {n: cv2.resize(img, (20, 13), interpolation=f) for n, f in
+                (("bilinear", cv2.INTER_LINEAR), ("bicubic", cv2.INTER_CUBIC))}
+    else:
+        refs = {n: np.asarray(Image.fromarray(img).resize((20, 13), f)) for n, f in
+                (("bilinear", Image.BILINEAR), ("bicubic", Image.BICUBIC))}
+    op = T.ResizeImage(size=[20, 13], interpolation="random", backend=backend)
+    random.seed(0)
+    seen = set()
+    for _ in range(40):
+        out = op(img)
+        match = [n for n, ref in refs.items() if np.array_equal(out, ref)]
+        assert match, "random chose a method other than bilinear or bicubic"
+        seen.update(match)
+    assert seen == {"bilinear", "bicubic"}
 
 
 def test_resize_rejects_bad_params():
@@ -82,11 +104,21 @@ def test_normalize_chw_fp16_and_4_channels():
     chw = T.NormalizeImage(order="chw")(img.transpose(2, 0, 1))
     hwc = T.NormalizeImage(order="")(img)
     np.testing.assert_allclose(chw, hwc.transpose(2, 0, 1), rtol=1e-6)
-    four = T.NormalizeImage(channel_num=4, output_fp16=True)(img)
+    four = T.NormalizeImage(order="", channel_num=4, output_fp16=True)(img)
     assert four.dtype == np.float16 and four.shape == (4, 6, 4)
     assert not four[..., 3].any()
     with pytest.raises(ValueError):
         T.NormalizeImage(scale="1/0")
+
+
+def test_normalize_default_order_is_chw_and_a_layout_mismatch_names_order():
+    img = _img(5, 6)
+    np.testing.assert_allclose(T.NormalizeImage()(img.transpose(2, 0, 1)),
+                               T.NormalizeImage(order="")(img).transpose(2, 0, 1), rtol=1e-6)
+    with pytest.raises(DataError, match="order: ''"):
+        T.NormalizeImage()(img)  # HWC with the PaddleClas default order 'chw'
+    with pytest.raises(DataError, match="ToCHWImage"):
+        T.NormalizeImage(order="")(img.transpose(2, 0, 1))
 
 
 def test_rand_crop_size_and_determinism():
@@ -206,3 +238,43 @@ def test_real_paddleclas_transform_lists_build(shared):
             assert out.ndim == 3 and 224 in out.shape, (path.name, out.shape)
             n_built += 1
     assert n_built >= 16
+
+
+def test_decode_image_pil_backend_matches_cv2_on_a_png():
+    img = _img(9, 11)
+    ok, png = cv2.imencode(".png", img[:, :, ::-1])  # lossless: both decoders must agree exactly
+    data = png.tobytes()
+    np.testing.assert_array_equal(T.DecodeImage(backend="pil")(data), img)
+    np.testing.assert_array_equal(T.DecodeImage(backend="pil", to_rgb=False)(data), img[:, :, ::-1])
+    np.testing.assert_array_equal(T.DecodeImage(backend="cv2", to_np=True)(data), img)
+    with pytest.raises(DataError, match="PIL"):
+        T.DecodeImage(backend="pil")(b"not an image")
+    with pytest.raises(ConfigError, match="transform_ops.0.DecodeImage.*to_np"):
+        T.build_transforms([{"DecodeImage": {"to_np": False}}])
+
+
+def test_rand_crop_log_aspect_samples_ratio_in_log_space():
+    """use_log_aspect: log(w/h) uniform in [log r0, log r1], so as many crops are wider than
+    tall as taller than wide even for an asymmetric range around 1."""
+    def wide_fraction(op):
+        random.seed(0)
+        boxes = [op.crop_box(400, 400) for _ in range(3000)]
+        return np.mean([w > h for _, _, w, h in boxes])
+    lin = T.RandCropImage(size=8, ratio=[0.25, 4.0], scale=[0.05, 0.05])
+    log = T.RandCropImage(size=8, ratio=[0.25, 4.0], scale=[0.05, 0.05], use_log_aspect=True)
+    assert wide_fraction(lin) > 0.75  # uniform on [0.25, 4]: P(ratio > 1) = 0.8
+    assert abs(wide_fraction(log) - 0.5) < 0.05
+
+
+def test_rand_crop_progress_size_is_accepted_and_logged_as_no_effect(caplog):
+    import logging
+    from ppcls_ft import config as C
+    C._warned.discard("RandCropImage.progress_size")
+    logger = logging.getLogger("ppcls_ft")
+    logger.addHandler(caplog.handler)
+    try:
+        op = T.build_transforms([{"RandCropImage": {"size": 16, "progress_size": [8, 12]}}])
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert op(_img(30, 30)).shape == (16, 16, 3)
+    assert "RandCropImage.progress_size" in caplog.text and "no effect" in caplog.text

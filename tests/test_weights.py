@@ -382,3 +382,21 @@ def test_paddleclas_swin_22kto1k_key_selects_the_variant(monkeypatch):
                           "use_imagenet22kto1k_pretrained": True})
     assert seen["source"] is True and seen["variant"] == "22kto1k"
     assert "22kto1k" in _builder.official_url("SwinTransformer_base_patch4_window7_224", variant="22kto1k")
+
+
+def test_use_ssld_without_weights_is_accepted_and_logged(tiny_registered, caplog):
+    """PULC configs set use_ssld: True; run with -o Arch.pretrained=False they must still build
+    (PaddleClas ignores use_ssld then), and the log says the key did nothing. use_sync_bn is
+    left for the engine, never passed to the constructor."""
+    import logging
+    from ppcls_ft import config as C
+    C._warned.discard("Arch.use_ssld")
+    logger = logging.getLogger("ppcls_ft")
+    logger.addHandler(caplog.handler)
+    try:
+        model = build_model({"name": "TinyNet", "class_num": 3, "pretrained": False,
+                             "use_ssld": True, "use_sync_bn": True}, load_weights=True)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert model.class_num == 3
+    assert "Arch.use_ssld" in caplog.text and "no effect" in caplog.text

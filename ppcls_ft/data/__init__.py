@@ -15,13 +15,15 @@ except ModuleNotFoundError as e:
         raise
 
 from .batch_ops import CutmixOperator, MixupOperator, OpSampler, build_batch_op  # noqa: E402
-from .dataset import ImageFolderDataset, ImageNetDataset, collate_skip_none  # noqa: E402
+from .dataset import (CustomLabelDataset, ImageFolderDataset, ImageNetDataset,  # noqa: E402
+                      collate_skip_none)
 from .loader import build_dataloader, set_epoch  # noqa: E402
 from .samplers import ClassBalancedSampler, DistributedBatchSampler  # noqa: E402
 from .transforms import Compose, build_transforms  # noqa: E402
 
 __all__ = [
-    "build_transforms", "Compose", "ImageNetDataset", "ImageFolderDataset", "collate_skip_none",
+    "build_transforms", "Compose", "ImageNetDataset", "ImageFolderDataset", "CustomLabelDataset",
+    "collate_skip_none",
     "DistributedBatchSampler", "ClassBalancedSampler", "MixupOperator", "CutmixOperator",
     "OpSampler", "build_batch_op", "build_dataloader", "set_epoch",
 ]

@@ -358,9 +358,13 @@ def _resample_from_name(interpolation):
     return _RESAMPLE[key]
 
 
+# PaddleClas's TimmAutoAugment fills with the ImageNet mean when no mean is given (timm's default)
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+
+
 def _fill_from_mean(mean):
     if mean is None:
-        return _GRAY
+        mean = _IMAGENET_MEAN
     values = [float(m) for m in mean]
     if len(values) != 3 or not all(0.0 <= m <= 1.0 for m in values):
         raise ConfigError("TimmAutoAugment.mean", f"expected 3 channel means in 0..1 (the "
@@ -378,7 +382,8 @@ class TimmAutoAugment:
             config_str: rand-m9-mstd0.5-inc1   # or original-mstd0.5, v0, originalr, v0r
             interpolation: bicubic             # bilinear | bicubic | nearest | random
             img_size: 224                      # translate_const = 0.45 x min(img_size)
-            mean: [0.485, 0.456, 0.406]        # optional: fill = round(255 x mean), else 128
+            mean: [0.485, 0.456, 0.406]        # fill = round(255 x mean): (124, 116, 104) by default
+            prob: 1.0                          # probability of augmenting an image at all
 
     ``rand`` tokens: ``m`` magnitude (0..10, default 10), ``n`` ops per image (2), ``mstd``
     magnitude noise std (>100: uniform in [0, m]), ``mmax`` magnitude clip (10), ``inc1`` the
@@ -387,7 +392,12 @@ class TimmAutoAugment:
 
     def __init__(self, config_str: str = "rand-m9-mstd0.5-inc1",
                  interpolation: Optional[str] = "bicubic", img_size: Union[int, list] = 224,
-                 mean: Optional[list] = None):
+                 mean: Optional[list] = None, prob: float = 1.0):
+        if not 0.0 <= prob <= 1.0:
+            raise ConfigError("TimmAutoAugment.prob", f"is a probability in [0, 1], got {prob}")
+        # PaddleClas's wrapper: one python-random draw per image decides whether the policy runs
+        # at all (PULC configs set prob: 0.0 to switch it off); the per-op p token is separate.
+        self.prob = float(prob)
         self.config = parse_config_str(config_str)
         sizes = list(img_size) if isinstance(img_size, (list, tuple)) else [img_size]
         if not sizes or min(int(s) for s in sizes) <= 0:
@@ -420,6 +430,8 @@ class TimmAutoAugment:
                                             f"{np.count_nonzero(self.weights)} ops weighted by w0")
 
     def __call__(self, img):
+        if not random.random() < self.prob:
+            return img
         pil = to_pil(img, "TimmAutoAugment")
         if self.config["kind"] == "rand":
             picks = np.random.choice(len(self.ops), self.num_layers,

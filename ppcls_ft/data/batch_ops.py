@@ -75,11 +75,12 @@ class MixupOperator(_MixBase):
 class CutmixOperator(_MixBase):
     """Paste a box from ``x[perm]``; box side ratio ``sqrt(1-lam)``, random centre, clipped.
 
-    YAML: ``batch_transform_ops: [{CutmixOperator: {alpha: 1.0}}]``. After clipping, ``lam`` is
-    recomputed as ``1 - box_area / image_area`` and the targets use that value.
+    YAML: ``batch_transform_ops: [{CutmixOperator: {alpha: 0.2}}]`` (0.2 is PaddleClas's
+    default). After clipping, ``lam`` is recomputed as ``1 - box_area / image_area`` and the
+    targets use that value.
     """
 
-    def __init__(self, class_num: int, alpha: float = 1.0):
+    def __init__(self, class_num: int, alpha: float = 0.2):
         super().__init__(class_num, alpha)
         self.last_box = (0, 0, 0, 0)
 

@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 import paddle
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..registry import DATASETS
 from .transforms import Compose, build_transforms
 
@@ -142,6 +142,89 @@ class ImageNetDataset(_ImageDataset):
         if not entries:
             raise DataError(f"{list_path}: no samples; the list is empty")
         return [(p, lab) for _, p, lab in entries]
+
+
+@DATASETS.register
+class CustomLabelDataset(_ImageDataset):
+    """Images whose label is made by a transform (PaddleClas's self-supervised PULC models).
+
+    YAML (clarity_assessment / image_orientation)::
+
+        dataset:
+          name: CustomLabelDataset
+          image_root: ./dataset/
+          sample_list_path: ./dataset/train_list.txt   # one relative image path per line
+          label_key: blur_image                        # made by BlurImage; RandomRot90 makes
+          transform_ops: [...]                         # random_rot90_orientation
+          delimiter: null                              # set: keep the text before its first
+                                                       # occurrence (PaddleClas), e.g. "\t"
+
+    The label of an item is drawn anew every time it is loaded, so ``labels`` (used for class
+    counts) is empty: ``class_weight: auto`` and ``ClassBalancedSampler`` need fixed labels and
+    cannot be used with this dataset. PaddleClas returns images without labels when
+    ``label_key`` is unset, which cannot train; here it is required and must be produced by an
+    op in ``transform_ops``.
+    """
+
+    def __init__(self, image_root: str, sample_list_path: str, label_key: Optional[str] = None,
+                 transform_ops: Optional[list] = None, delimiter: Optional[str] = None,
+                 class_num: Optional[int] = None):
+        self._setup([], transform_ops, class_num)
+        made = self.transform.label_keys()
+        if label_key is None or label_key not in made:
+            made_text = ", ".join(made) or ("none does: add BlurImage (blur_image) or RandomRot90 "
+                                            "(random_rot90_orientation)")
+            raise ConfigError("label_key", f"is {label_key!r}; it must name a label an op in "
+                                           f"transform_ops makes ({made_text})")
+        # Checked here, not per item: an error raised inside a loader worker stalls the loader.
+        count = next(op.label_count for op in self.transform.ops
+                     if getattr(op, "label_key", None) == label_key)
+        if class_num is not None and class_num < count:
+            raise ConfigError("Arch.class_num", f"is {class_num} but {label_key} takes {count} "
+                                                f"values (0..{count - 1}); set Arch.class_num: {count}")
+        if not os.path.isfile(sample_list_path):
+            raise DataError(f"{sample_list_path}: sample list not found; set dataset.sample_list_path "
+                            "to a file with one relative image path per line")
+        if not os.path.isdir(image_root):
+            raise DataError(f"{image_root}: image_root is not a directory; set dataset.image_root "
+                            "to the folder the list paths are relative to")
+        self.image_root, self.sample_list_path, self.label_key = image_root, sample_list_path, label_key
+        name = os.path.basename(sample_list_path)
+        samples, problems = [], []
+        with open(sample_list_path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                line = line.strip()
+                if delimiter:
+                    line = line.split(delimiter)[0].strip()
+                if not line:
+                    continue
+                path = os.path.join(image_root, line)
+                if os.path.isfile(path):
+                    samples.append((path, None))
+                else:
+                    problems.append(f"{name}:{lineno}: image not found: {path}")
+        _raise_problems(problems, f"Fix or remove these lines in {sample_list_path}.")
+        if not samples:
+            raise DataError(f"{sample_list_path}: no samples; the list is empty")
+        self.samples = samples
+        self.labels = np.zeros((0,), np.int64)  # labels are drawn per load; see the docstring
+
+    def _load(self, path):
+        with open(path, "rb") as f:
+            data = f.read()
+        img, labels = self.transform.to_chw(data, with_labels=True)
+        return img, int(labels[self.label_key])
+
+    def __getitem__(self, idx):
+        path, _ = self.samples[idx]
+        try:
+            img, label = self._load(path)
+        except (OSError, DataError) as e:
+            if path not in self._warned:
+                self._warned.add(path)
+                logger.warning("skipping unreadable image %s: %s", path, e)
+            return None
+        return img, np.int64(label)
 
 
 def class_folders(image_root):

@@ -9,6 +9,7 @@ Randomness: random ops draw from python's ``random`` module and numpy's global R
 PaddleClas. The loader (``data/loader.py``) reseeds both per sample from (seed, epoch, position),
 so augmentation is reproducible and independent of the number of worker processes.
 """
+import math
 import random
 from typing import Optional, Union
 
@@ -31,12 +32,16 @@ _PIL_INTERP = {
 }
 
 
+# PaddleClas's ``interpolation: random`` draws one of these two per call, on either backend.
+_RANDOM_CV2 = (cv2.INTER_LINEAR, cv2.INTER_CUBIC)
+_RANDOM_PIL = (Image.BILINEAR, Image.BICUBIC)
+
+
 class Resizer:
     """``resize(img, (w, h))`` with a PaddleClas interpolation name and backend (cv2 | pil).
 
-    Defaults follow PaddleClas: cv2 without interpolation is bilinear; PIL without interpolation
-    uses Pillow's default for RGB images, bicubic. ``"random"`` picks one method per call from the
-    backend's table with python ``random``.
+    Defaults follow PaddleClas: without interpolation both backends resize bilinearly.
+    ``"random"`` picks bilinear or bicubic per call with python ``random`` (PaddleClas's pair).
     """
 
     def __init__(self, interpolation: Optional[str] = None, backend: str = "cv2"):
@@ -54,9 +59,9 @@ class Resizer:
 
     def _method(self):
         if self.name is None:
-            return cv2.INTER_LINEAR if self.backend == "cv2" else Image.BICUBIC
+            return cv2.INTER_LINEAR if self.backend == "cv2" else Image.BILINEAR
         if self.name == "random":
-            return random.choice(list(self._table.values()))
+            return random.choice(_RANDOM_CV2 if self.backend == "cv2" else _RANDOM_PIL)
         return self._table[self.name]
 
     def __call__(self, img, size):
@@ -83,13 +88,33 @@ def _pair(size, what):
 class DecodeImage:
     """Encoded bytes -> HWC uint8 (cv2 decodes BGR; ``to_rgb`` flips to RGB).
 
-    YAML: ``- DecodeImage: {to_rgb: True, channel_first: False}``. A numpy array passes through
-    unchanged (it is taken to be decoded RGB already), so ``Compose`` also accepts arrays.
+    YAML: ``- DecodeImage: {to_rgb: True, channel_first: False, backend: cv2}``. A numpy array
+    passes through unchanged (it is taken to be decoded RGB already), so ``Compose`` also accepts
+    arrays. ``backend: pil`` decodes with Pillow (``convert("RGB")``, as PaddleClas does): the
+    pixels can differ from cv2's by the JPEG decoder's rounding. ``to_np`` is accepted for
+    PaddleClas configs; only ``True`` exists here (every op works on numpy arrays).
     """
 
-    def __init__(self, to_rgb: bool = True, channel_first: bool = False):
+    def __init__(self, to_rgb: bool = True, channel_first: bool = False, backend: str = "cv2",
+                 to_np: bool = True):
+        if str(backend).lower() not in ("cv2", "pil"):
+            raise ValueError(f"backend must be 'cv2' or 'pil', got {backend!r}")
+        if to_np is not True:
+            raise ValueError("to_np: False (PaddleClas hands a PIL image to the next op) is not "
+                             "supported: ppcls_ft ops work on numpy arrays; remove the key")
         self.to_rgb = to_rgb
         self.channel_first = channel_first
+        self.backend = str(backend).lower()
+
+    def _decode_pil(self, img):
+        import io
+        try:
+            with Image.open(io.BytesIO(img)) as pil:
+                rgb = np.asarray(pil.convert("RGB"))
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise DataError(f"cannot decode {len(img)} bytes as an image with PIL ({e}); "
+                            "re-export it or remove it from the list") from None
+        return rgb[:, :, ::-1]  # BGR, like cv2, so to_rgb means the same on both backends
 
     def __call__(self, img):
         if isinstance(img, np.ndarray):
@@ -97,7 +122,10 @@ class DecodeImage:
         if not isinstance(img, (bytes, bytearray, memoryview)) or len(img) == 0:
             got = "empty bytes" if isinstance(img, bytes) else type(img).__name__
             raise DataError(f"DecodeImage expects non-empty encoded image bytes, got {got}")
-        out = cv2.imdecode(np.frombuffer(img, dtype=np.uint8), cv2.IMREAD_COLOR)
+        if self.backend == "pil":
+            out = self._decode_pil(img)
+        else:
+            out = cv2.imdecode(np.frombuffer(img, dtype=np.uint8), cv2.IMREAD_COLOR)
         if out is None:
             raise DataError(f"cannot decode {len(img)} bytes as an image (corrupt or not a "
                             "JPEG/PNG/BMP/WebP file); re-export it or remove it from the list")
@@ -112,12 +140,16 @@ class DecodeImage:
 class ResizeImage:
     """Resize to ``size`` (int or [w, h]) or the short side to ``resize_short``.
 
-    YAML: ``- ResizeImage: {resize_short: 256, interpolation: bilinear, backend: cv2}``.
+    YAML: ``- ResizeImage: {resize_short: 256, interpolation: bilinear, backend: cv2}``
+    (PaddleClas's ``return_numpy`` is accepted as True).
     Short side (PaddleClas formula): ``w = int(round(w * S / min(w, h)))``, same for h.
     """
 
     def __init__(self, size: Optional[Union[int, list]] = None, resize_short: Optional[int] = None,
-                 interpolation: Optional[str] = None, backend: str = "cv2"):
+                 interpolation: Optional[str] = None, backend: str = "cv2", return_numpy: bool = True):
+        if return_numpy is not True:
+            raise ValueError("return_numpy: False (PaddleClas hands a PIL image to the next op) is "
+                             "not supported: ppcls_ft ops work on numpy arrays; remove the key")
         if resize_short is not None and resize_short > 0:
             self.resize_short, self.size = int(resize_short), None
         elif size is not None:
@@ -162,14 +194,24 @@ class RandCropImage:
     """Random-resized crop (PaddleClas variant), then resize to ``size`` (int or [w, h]).
 
     YAML: ``- RandCropImage: {size: 224, scale: [0.08, 1.0], ratio: [0.75, 1.333],
-    interpolation: bicubic, backend: pil}``. One draw, no retry loop: the aspect ratio is
-    ``sqrt(U(ratio))``; the area fraction is drawn from ``scale`` clipped to the largest fraction
-    that fits the image at that ratio (PaddleClas's fallback), so the crop always lies inside.
+    interpolation: bicubic, backend: pil, use_log_aspect: False}``. One draw, no retry loop: the
+    aspect ratio is ``U(ratio)`` (``use_log_aspect``: ``exp(U(log ratio))``, as PaddleClas); the
+    area fraction is drawn from ``scale`` clipped to the largest fraction that fits the image at
+    that ratio (PaddleClas's fallback), so the crop always lies inside. ``progress_size`` is
+    accepted and has no effect: PaddleClas stores it for progressive resizing, which its
+    ``RandCropImage`` never reads either.
     """
 
     def __init__(self, size: Union[int, list], scale: Optional[list] = None,
                  ratio: Optional[list] = None, interpolation: Optional[str] = None,
-                 backend: str = "cv2"):
+                 backend: str = "cv2", use_log_aspect: bool = False,
+                 progress_size: Optional[list] = None):
+        if progress_size is not None:
+            from ..config import warn_no_effect
+            warn_no_effect("RandCropImage.progress_size", "progressive resizing is not implemented "
+                                                          "(PaddleClas's RandCropImage ignores it too); "
+                                                          "crops are resized to size")
+        self.use_log_aspect = bool(use_log_aspect)
         self.size = _pair(size, "size")
         self.scale = [0.08, 1.0] if scale is None else [float(s) for s in scale]
         self.ratio = [3.0 / 4.0, 4.0 / 3.0] if ratio is None else [float(r) for r in ratio]
@@ -181,7 +223,11 @@ class RandCropImage:
 
     def crop_box(self, img_w, img_h):
         """Draw ``(x, y, w, h)`` of the crop with python ``random`` (PaddleClas order of draws)."""
-        aspect = np.sqrt(random.uniform(*self.ratio))
+        if self.use_log_aspect:
+            ratio = math.exp(random.uniform(math.log(self.ratio[0]), math.log(self.ratio[1])))
+        else:
+            ratio = random.uniform(*self.ratio)
+        aspect = np.sqrt(ratio)
         unit_w, unit_h = aspect, 1.0 / aspect
         bound = min((img_w / img_h) / unit_w ** 2, (img_h / img_w) / unit_h ** 2)
         lo, hi = min(self.scale[0], bound), min(self.scale[1], bound)
@@ -235,12 +281,15 @@ class NormalizeImage:
     """``(x * scale - mean) / std`` in float32 (float16 with ``output_fp16``).
 
     YAML: ``- NormalizeImage: {scale: 1.0/255.0, mean: [0.485, 0.456, 0.406],
-    std: [0.229, 0.224, 0.225], order: ''}``. ``order: chw`` expects a CHW input (after
-    ``ToCHWImage``); '' or hwc expects HWC. ``channel_num: 4`` appends a zero channel.
+    std: [0.229, 0.224, 0.225], order: ''}``. ``order: chw`` (the default, as in PaddleClas)
+    expects a CHW input (after ``ToCHWImage``); '' or hwc expects HWC, which is what every
+    PaddleClas config writes. A layout that does not match ``order`` is an error naming it
+    (PaddleClas broadcasts the mean along the wrong axis or fails inside numpy).
+    ``channel_num: 4`` appends a zero channel.
     """
 
     def __init__(self, scale: Optional[Union[float, str]] = None, mean: Optional[list] = None,
-                 std: Optional[list] = None, order: str = "", output_fp16: bool = False,
+                 std: Optional[list] = None, order: str = "chw", output_fp16: bool = False,
                  channel_num: int = 3):
         if channel_num not in (3, 4):
             raise ValueError(f"channel_num must be 3 or 4, got {channel_num}")
@@ -259,7 +308,15 @@ class NormalizeImage:
         self.dtype = np.float16 if output_fp16 else np.float32
 
     def __call__(self, img):
-        img = (np.asarray(img).astype(np.float32) * self.scale - self.mean) / self.std
+        img = np.asarray(img)
+        axis = 0 if self.chw else -1
+        if img.ndim != 3 or (self.mean.size != 1 and img.shape[axis] != self.mean.size):
+            layout = "CHW" if self.chw else "HWC"
+            raise DataError(f"NormalizeImage order {'chw' if self.chw else repr('')} expects a "
+                            f"{layout} image with {self.mean.size} channels, got shape {img.shape}; "
+                            "set order: '' for an HWC image (after DecodeImage) or put ToCHWImage "
+                            "before it for order: chw")
+        img = (img.astype(np.float32) * self.scale - self.mean) / self.std
         if self.channel_num == 4:
             axis = 0 if self.chw else 2
             pad_shape = list(img.shape)
@@ -281,6 +338,11 @@ class Compose:
 
     ``chw`` is True when the output is channel-first (a ``ToCHWImage`` or a channel-first
     ``DecodeImage`` is present), so the dataset knows whether it still has to transpose.
+
+    Some ops also make a label from what they did (PaddleClas's ``BlurImage`` -> ``blur_image``,
+    ``RandomRot90`` -> ``random_rot90_orientation``): such an op names it in ``label_key`` and
+    has ``labelled(img) -> (img, label)``. ``apply`` collects those labels for
+    ``CustomLabelDataset``; everywhere else they are dropped, as PaddleClas drops them.
     """
 
     def __init__(self, ops):
@@ -296,17 +358,34 @@ class Compose:
             img = op(img)
         return img
 
-    def to_chw(self, img):
+    def label_keys(self):
+        """The labels this pipeline produces (``label_key`` of its ops)."""
+        return [op.label_key for op in self.ops if getattr(op, "label_key", None)]
+
+    def apply(self, img):
+        """``(image, {label_key: label})``: the ops in order, with the labels some of them make."""
+        labels = {}
+        for op in self.ops:
+            if getattr(op, "label_key", None):
+                img, labels[op.label_key] = op.labelled(img)
+            else:
+                img = op(img)
+        return img, labels
+
+    def to_chw(self, img, with_labels=False):
         """Apply the ops and return a contiguous float32 CHW array, transposing HWC output (PaddleClas
-        datasets transpose after ``transform_ops``, so lists without ``ToCHWImage`` are common)."""
-        img = np.asarray(self(img))
+        datasets transpose after ``transform_ops``, so lists without ``ToCHWImage`` are common).
+        ``with_labels``: return ``(array, labels)`` with the labels of ``apply``."""
+        img, labels = self.apply(img)
+        img = np.asarray(img)
         if img.ndim == 2:
             img = img[None] if self.chw else img[:, :, None]
         if img.ndim != 3:
             raise ValueError(f"transform_ops produced shape {img.shape}; expected an HWC or CHW image")
         if not self.chw:
             img = img.transpose((2, 0, 1))
-        return np.ascontiguousarray(img, dtype=np.float32)
+        img = np.ascontiguousarray(img, dtype=np.float32)
+        return (img, labels) if with_labels else img
 
     def __len__(self):
         return len(self.ops)

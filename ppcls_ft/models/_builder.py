@@ -104,13 +104,23 @@ def build_model(arch_cfg, path="Arch", load_weights=True, logger=print):
     if _option(cfg, "use_imagenet22k_pretrained", bool, False, path, "true or false"):
         raise ConfigError(f"{path}.use_imagenet22k_pretrained", "ImageNet-22k (21841-class) weights "
                           "are not in the official table; use pretrained_variant: 22kto1k")
+    # Read by the engine (SyncBatchNorm on multi-device runs), never by a constructor.
+    cfg.pop("use_sync_bn", None)
     if pretrained is True:
         official_url(name, use_ssld=use_ssld, variant=variant)  # fail before building a big model
-    elif use_ssld or variant is not None:
+    elif (use_ssld or variant is not None) and pretrained not in (False, None, ""):
         key = "use_ssld" if use_ssld else "pretrained_variant"
         raise ConfigError(f"{path}.{key}", f"only selects which official file pretrained: true "
                           f"downloads; with pretrained: {pretrained!r} it would be ignored. "
                           f"Remove it or set pretrained: true")
+    elif use_ssld or variant is not None:
+        # No weights at all: PaddleClas ignores use_ssld then, and its PULC configs (use_ssld:
+        # True) are run with -o Arch.pretrained=False to train from scratch; accept and say so.
+        key = "use_ssld" if use_ssld else "pretrained_variant"
+        from ..config import warn_no_effect
+        warn_no_effect(f"{path}.{key}", f"it only selects which official file pretrained: true "
+                                        f"downloads, and pretrained is {pretrained!r}")
+        use_ssld, variant = False, None
     MODELS.get(name, f"{path}.name")  # unknown name -> error on the name key, with suggestions
     model = MODELS.build(name, cfg, path)
     if load_weights and pretrained not in (False, None, ""):

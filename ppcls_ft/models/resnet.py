@@ -8,6 +8,10 @@ stem with three 3x3 convs and downsamples shortcuts with a 2x2 average pool befo
 Where PaddleClas is fragile we differ on purpose: a vd shortcut pools by the stage's own stride
 (PaddleClas always pools by 2, which crashes when ``stride_list`` sets a stage stride of 1), and
 ``max_pool: false`` removes the stem max-pool instead of being ignored.
+
+``layer_type: DiverseBranchBlock`` trains the convs inside the residual blocks as Diverse Branch
+Blocks (``dbb.py``; PaddleClas's ResNet18_dbb), and ``use_first_short_conv: false`` gives the
+first block an identity shortcut instead of a 1x1 projection (the original ResNet's layout).
 """
 import math
 from typing import Optional
@@ -20,6 +24,7 @@ from paddle.nn.initializer import Uniform
 from ..errors import ConfigError
 from ..registry import MODELS
 from .base import ClassifierBase
+from .dbb import DiverseBranchBlock
 from .layers import ConvBNAct, check_class_num, check_lr_mult_list, check_stride_list
 
 # depth -> (block kind, blocks per stage); stage widths are the bottleneck widths 64..512.
@@ -50,6 +55,21 @@ class _ResConvBN(ConvBNAct):
         return super().forward(x)
 
 
+_LAYER_TYPES = ("ConvBNLayer", "DiverseBranchBlock")
+
+
+def _block_conv(layer_type):
+    """The conv-BN(-act) factory of the block convs: plain, or a Diverse Branch Block."""
+    if layer_type == "DiverseBranchBlock":
+        def make(in_c, out_c, kernel, stride, act, lr_mult, data_format):
+            return DiverseBranchBlock(in_c, out_c, kernel, stride, act, lr_mult)
+        return make
+
+    def make(in_c, out_c, kernel, stride, act, lr_mult, data_format):
+        return _ResConvBN(in_c, out_c, kernel, stride, act, lr_mult, data_format=data_format)
+    return make
+
+
 def _shortcut(in_c, out_c, stride, vd_pool, lr_mult, data_format):
     """1x1 projection: strided conv (ResNet / first vd block) or avg-pool then conv (vd)."""
     if vd_pool:
@@ -62,10 +82,11 @@ class BasicBlock(nn.Layer):
 
     expansion = 1
 
-    def __init__(self, in_c, width, stride, project, vd_pool, lr_mult, data_format):
+    def __init__(self, in_c, width, stride, project, vd_pool, lr_mult, data_format,
+                 conv=_block_conv("ConvBNLayer")):
         super().__init__()
-        self.conv0 = _ResConvBN(in_c, width, 3, stride, "relu", lr_mult, data_format=data_format)
-        self.conv1 = _ResConvBN(width, width, 3, 1, None, lr_mult, data_format=data_format)
+        self.conv0 = conv(in_c, width, 3, stride, "relu", lr_mult, data_format)
+        self.conv1 = conv(width, width, 3, 1, None, lr_mult, data_format)
         self.short = _shortcut(in_c, width, stride, vd_pool, lr_mult, data_format) if project else None
         self.relu = nn.ReLU()
 
@@ -79,12 +100,13 @@ class BottleneckBlock(nn.Layer):
 
     expansion = 4
 
-    def __init__(self, in_c, width, stride, project, vd_pool, lr_mult, data_format):
+    def __init__(self, in_c, width, stride, project, vd_pool, lr_mult, data_format,
+                 conv=_block_conv("ConvBNLayer")):
         super().__init__()
         out_c = width * 4
-        self.conv0 = _ResConvBN(in_c, width, 1, 1, "relu", lr_mult, data_format=data_format)
-        self.conv1 = _ResConvBN(width, width, 3, stride, "relu", lr_mult, data_format=data_format)
-        self.conv2 = _ResConvBN(width, out_c, 1, 1, None, lr_mult, data_format=data_format)
+        self.conv0 = conv(in_c, width, 1, 1, "relu", lr_mult, data_format)
+        self.conv1 = conv(width, width, 3, stride, "relu", lr_mult, data_format)
+        self.conv2 = conv(width, out_c, 1, 1, None, lr_mult, data_format)
         self.short = _shortcut(in_c, out_c, stride, vd_pool, lr_mult, data_format) if project else None
         self.relu = nn.ReLU()
 
@@ -101,14 +123,24 @@ class ResNet(ClassifierBase):
 
     def __init__(self, depth: int = 50, vd: bool = False, class_num: int = 1000,
                  lr_mult_list: Optional[list] = None, stride_list: Optional[list] = None,
-                 max_pool: bool = True, data_format: str = "NCHW", input_image_channel: int = 3):
+                 max_pool: bool = True, data_format: str = "NCHW", input_image_channel: int = 3,
+                 layer_type: str = "ConvBNLayer", use_first_short_conv: bool = True):
         super().__init__()
         table = {d: (kind, n) for d, kind, n in _DEPTHS}
         if depth not in table:
             raise ConfigError("Arch.name", f"ResNet depth must be one of {sorted(table)}, got {depth}")
         if data_format not in ("NCHW", "NHWC"):
             raise ConfigError("Arch.data_format", f"must be 'NCHW' or 'NHWC', got {data_format!r}")
+        if layer_type not in _LAYER_TYPES:
+            raise ConfigError("Arch.layer_type", f"must be one of {', '.join(_LAYER_TYPES)}, got "
+                                                 f"{layer_type!r}")
+        if layer_type == "DiverseBranchBlock" and data_format != "NCHW":
+            raise ConfigError("Arch.data_format", "DiverseBranchBlock pads along NCHW axes; use NCHW")
         kind, self.depths = table[depth]
+        if not use_first_short_conv and kind == "bottleneck":
+            raise ConfigError("Arch.use_first_short_conv", "False needs equal widths at the first "
+                                                           "block (ResNet18/34); bottleneck blocks "
+                                                           "widen 64 -> 256 and need the projection")
         self.class_num = check_class_num(class_num)
         lr_mults = check_lr_mult_list(lr_mult_list, 5)
         strides = check_stride_list(stride_list, 5)
@@ -123,6 +155,7 @@ class ResNet(ClassifierBase):
                          if max_pool else None)
 
         block_cls = BasicBlock if kind == "basic" else BottleneckBlock
+        conv = _block_conv(layer_type)
         blocks, in_c = [], 64
         for stage, (n, width) in enumerate(zip(self.depths, _WIDTHS)):
             for i in range(n):
@@ -130,8 +163,9 @@ class ResNet(ClassifierBase):
                 stride = strides[stage + 1] if first and stage > 0 else 1
                 # The very first projection of a vd net has stride 1 and keeps the plain conv.
                 vd_pool = vd and not (stage == 0 and first)
-                blocks.append(block_cls(in_c, width, stride, first, vd_pool, lr_mults[stage + 1],
-                                        data_format))
+                project = first and (use_first_short_conv or stage > 0)
+                blocks.append(block_cls(in_c, width, stride, project, vd_pool, lr_mults[stage + 1],
+                                        data_format, conv))
                 in_c = width * block_cls.expansion
         self.blocks = nn.Sequential(*blocks)
         self.avg_pool = nn.AdaptiveAvgPool2D(1, data_format=data_format)
@@ -178,18 +212,21 @@ def _register(depth, vd):
 
     def factory(class_num: int = 1000, lr_mult_list: Optional[list] = None,
                 stride_list: Optional[list] = None, max_pool: bool = True,
-                data_format: str = "NCHW", input_image_channel: int = 3) -> ResNet:
+                data_format: str = "NCHW", input_image_channel: int = 3,
+                layer_type: str = "ConvBNLayer", use_first_short_conv: bool = True) -> ResNet:
         return ResNet(depth=depth, vd=vd, class_num=class_num, lr_mult_list=lr_mult_list,
                       stride_list=stride_list, max_pool=max_pool, data_format=data_format,
-                      input_image_channel=input_image_channel)
+                      input_image_channel=input_image_channel, layer_type=layer_type,
+                      use_first_short_conv=use_first_short_conv)
 
     factory.__name__ = factory.__qualname__ = name
     factory.__doc__ = (
         f"``Arch: {{name: {name}, class_num: 1000, lr_mult_list: [1, 1, 1, 1, 1], "
         f"stride_list: [2, 2, 2, 2, 2], max_pool: true, data_format: NCHW, "
-        f"input_image_channel: 3}}``\n\n"
+        f"input_image_channel: 3, layer_type: ConvBNLayer, use_first_short_conv: true}}``\n\n"
         f"lr_mult_list: [stem, stage1..stage4] multipliers (0 freezes); stride_list: "
-        f"[stem conv, max-pool, stage2, stage3, stage4].")
+        f"[stem conv, max-pool, stage2, stage3, stage4]; layer_type: DiverseBranchBlock trains "
+        f"the block convs as Diverse Branch Blocks.")
     MODELS.register(factory, name=name)
     return factory
 
