@@ -111,12 +111,16 @@ def test_normalize_chw_fp16_and_4_channels():
         T.NormalizeImage(scale="1/0")
 
 
-def test_normalize_default_order_is_chw_and_a_layout_mismatch_names_order():
+def test_normalize_without_order_follows_the_layout_and_a_mismatch_names_order():
     img = _img(5, 6)
-    np.testing.assert_allclose(T.NormalizeImage()(img.transpose(2, 0, 1)),
-                               T.NormalizeImage(order="")(img).transpose(2, 0, 1), rtol=1e-6)
+    hwc = T.NormalizeImage(order="")(img)
+    np.testing.assert_allclose(T.NormalizeImage()(img), hwc, rtol=1e-6)  # no order: HWC seen
+    np.testing.assert_allclose(T.NormalizeImage()(img.transpose(2, 0, 1)), hwc.transpose(2, 0, 1),
+                               rtol=1e-6)  # ... and CHW
+    np.testing.assert_allclose(T.NormalizeImage(order="chw")(img.transpose(2, 0, 1)),
+                               hwc.transpose(2, 0, 1), rtol=1e-6)
     with pytest.raises(DataError, match="order: ''"):
-        T.NormalizeImage()(img)  # HWC with the PaddleClas default order 'chw'
+        T.NormalizeImage(order="chw")(img)  # HWC with an explicit 'chw'
     with pytest.raises(DataError, match="ToCHWImage"):
         T.NormalizeImage(order="")(img.transpose(2, 0, 1))
 

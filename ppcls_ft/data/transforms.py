@@ -281,27 +281,29 @@ class NormalizeImage:
     """``(x * scale - mean) / std`` in float32 (float16 with ``output_fp16``).
 
     YAML: ``- NormalizeImage: {scale: 1.0/255.0, mean: [0.485, 0.456, 0.406],
-    std: [0.229, 0.224, 0.225], order: ''}``. ``order: chw`` (the default, as in PaddleClas)
-    expects a CHW input (after ``ToCHWImage``); '' or hwc expects HWC, which is what every
-    PaddleClas config writes. A layout that does not match ``order`` is an error naming it
-    (PaddleClas broadcasts the mean along the wrong axis or fails inside numpy).
+    std: [0.229, 0.224, 0.225], order: ''}``. ``order: chw`` expects a CHW input (after
+    ``ToCHWImage``); '' or hwc expects HWC, which is what every PaddleClas config writes. A
+    layout that does not match ``order`` is an error naming it (PaddleClas broadcasts the mean
+    along the wrong axis or fails inside numpy). Without ``order`` the image's own layout is
+    used (channels last, else first): PaddleClas's default ``chw`` fails on the HWC images its
+    pipelines produce, and files exported by ppcls_ft 0.1 omit the key.
     ``channel_num: 4`` appends a zero channel.
     """
 
     def __init__(self, scale: Optional[Union[float, str]] = None, mean: Optional[list] = None,
-                 std: Optional[list] = None, order: str = "chw", output_fp16: bool = False,
-                 channel_num: int = 3):
+                 std: Optional[list] = None, order: Optional[str] = None,
+                 output_fp16: bool = False, channel_num: int = 3):
         if channel_num not in (3, 4):
             raise ValueError(f"channel_num must be 3 or 4, got {channel_num}")
-        if str(order).lower() not in ("", "hwc", "chw"):
+        if order is not None and str(order).lower() not in ("", "hwc", "chw"):
             raise ValueError(f"order must be '', 'hwc' or 'chw', got {order!r}")
-        self.chw = str(order).lower() == "chw"
+        self.order = None if order is None else str(order).lower()
+        self.chw = self.order == "chw"
         self.scale = np.float32(1.0 / 255.0 if scale is None else _number(scale, "scale"))
-        shape = (3, 1, 1) if self.chw else (1, 1, 3)
         mean = [0.485, 0.456, 0.406] if mean is None else mean
         std = [0.229, 0.224, 0.225] if std is None else std
-        self.mean = np.asarray(mean, dtype=np.float32).reshape(shape)
-        self.std = np.asarray(std, dtype=np.float32).reshape(shape)
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(1, 1, -1)  # HWC; transposed for CHW
+        self.std = np.asarray(std, dtype=np.float32).reshape(1, 1, -1)
         if np.any(self.std == 0):
             raise ValueError(f"std must not contain 0, got {std}")
         self.channel_num = channel_num
@@ -309,16 +311,20 @@ class NormalizeImage:
 
     def __call__(self, img):
         img = np.asarray(img)
-        axis = 0 if self.chw else -1
+        chw = self.chw
+        if self.order is None and img.ndim == 3:  # no order given: the image's own layout
+            chw = img.shape[-1] != self.mean.size and img.shape[0] == self.mean.size
+        axis = 0 if chw else -1
         if img.ndim != 3 or (self.mean.size != 1 and img.shape[axis] != self.mean.size):
-            layout = "CHW" if self.chw else "HWC"
-            raise DataError(f"NormalizeImage order {'chw' if self.chw else repr('')} expects a "
+            layout = "CHW" if chw else "HWC"
+            raise DataError(f"NormalizeImage order {'chw' if chw else repr('')} expects a "
                             f"{layout} image with {self.mean.size} channels, got shape {img.shape}; "
                             "set order: '' for an HWC image (after DecodeImage) or put ToCHWImage "
                             "before it for order: chw")
-        img = (img.astype(np.float32) * self.scale - self.mean) / self.std
+        mean, std = (self.mean.reshape(-1, 1, 1), self.std.reshape(-1, 1, 1)) if chw else (self.mean, self.std)
+        img = (img.astype(np.float32) * self.scale - mean) / std
         if self.channel_num == 4:
-            axis = 0 if self.chw else 2
+            axis = 0 if chw else 2
             pad_shape = list(img.shape)
             pad_shape[axis] = 1
             img = np.concatenate([img, np.zeros(pad_shape, np.float32)], axis=axis)
