@@ -142,7 +142,8 @@ def confusion_png(results):
                             color="white" if v > cm.max() / 2 else "black")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"confusion matrix ({int(cm.sum())} images, top-1 {results['top1']:.3f})")
+    top1 = "n/a" if results["top1"] is None else f"{results['top1']:.3f}"
+    ax.set_title(f"confusion matrix\n{int(cm.sum())} images, top-1 {top1}")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)

@@ -35,6 +35,7 @@ def curves_png(history):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     epochs = [r["epoch"] for r in history]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, (title, keys) in zip(axes, (("loss", ("train_loss", "eval_loss")),
@@ -46,6 +47,7 @@ def curves_png(history):
                 ax.plot(*zip(*pts), marker="o", label=key)
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
@@ -118,6 +120,7 @@ def build_report(title, history, verdict, results=None, stopped=None):
             parts.append("<h2>Most confidently wrong val images</h2><div class=gallery>"
                          + "".join(cells) + "</div>")
     style = ("body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
+             "img{max-width:100%;height:auto}"
              "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;"
              "padding:2px 8px;text-align:right}th{background:#eee}.gallery{display:flex;"
              "flex-wrap:wrap;gap:12px}figure{margin:0;width:180px;font-size:12px}"
