@@ -4,8 +4,9 @@
 exercises through gloo processes and bfloat16, on the real devices); the suite uses the same
 helpers (tests/test_distributed.py), so the check a GPU owner runs is the one CI keeps working.
 
-- ``amp``: O1 and O2 train + eval + export on one device; losses finite, checkpoints float32,
-  the exported model predicts what the trained model predicts.
+- ``amp``: O1 and O2 train (with EMA) + eval + export + resume on one device; losses finite,
+  checkpoints float32, a run resumed from epoch 1 ends where the uninterrupted one did, the
+  exported model predicts what the trained model predicts.
 - ``exact``: N processes x batch B against 1 process x N*B on a deterministic run (no random
   augmentation or dropout, batch-norm statistics frozen, accumulation and freeze-then-unfreeze
   on): the same per-iteration losses, the same weights, and an eval counting every image once.
@@ -33,17 +34,17 @@ _RANDOM_OPS = [{"DecodeImage": {"to_rgb": True}}, {"RandCropImage": {"size": 32}
 _COLOURS = ((200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30))
 
 
-def make_data(root):
-    """16 training images (4 colour classes x 4) and a 13-image val list (13: no world size
-    divides it). Colour makes the classes learnable in a few steps, so predictions are clear
-    of ties and top-1 comparisons between runs are meaningful. Returns (root, train, val)."""
+def make_data(root, per_class=4):
+    """``4 x per_class`` training images (4 colour classes) and a 13-image val list (13: no
+    small world size divides it). Colour makes the classes learnable in a few steps, so
+    predictions are clear of ties and top-1 comparisons are meaningful. Returns (root, train, val)."""
     import cv2
     root = Path(root)
     rng = np.random.default_rng(3)
     lines = []
     for label, colour in enumerate(_COLOURS):
         (root / "images" / f"c{label}").mkdir(parents=True, exist_ok=True)
-        for i in range(4):
+        for i in range(per_class):
             img = np.clip(np.array(colour) + rng.integers(-40, 40, (40, 40, 3)), 0, 255)
             rel = f"images/c{label}/{i}.jpg"
             cv2.imwrite(str(root / rel), img.astype(np.uint8))
@@ -144,7 +145,7 @@ def check_exact(workdir, device="cpu", nproc=2, devices=None):
     """N-process batch 2 vs 1-process batch 2N; returns (ok, figures)."""
     from .config import load_config
     from .engine.run import train
-    data = make_data(Path(workdir) / "data")
+    data = make_data(Path(workdir) / "data", per_class=max(4, 2 * nproc))  # 2+ steps per epoch
     many = Path(workdir) / f"exact_{nproc}proc"
     extra = ["--devices", devices] if devices else []
     rc, out = launch(["tools/train.py", "-c", config(many, *data, batch=2, device=device)],
@@ -172,8 +173,14 @@ def check_amp(workdir, device="cpu", level="O1"):
     out = Path(workdir) / f"amp_{level}"
     amp = {"use_amp": True, "level": level, "dtype": dtype, "scale_loss": 1024.0,
            "use_dynamic_loss_scaling": True}
-    path = config(out, *data, batch=4, device=device, AMP=amp)
+    path = config(out, *data, batch=4, device=device, AMP=amp, EMA={"decay": 0.9})
     result = train(load_config(path))
+    again = Path(workdir) / f"amp_{level}_resumed"  # resume from epoch 1: the same end
+    train(load_config(config(again, *data, batch=4, device=device, AMP=amp, EMA={"decay": 0.9}),
+                      [f"Global.checkpoints={out / 'epoch_1'}"]))
+    a, b = load_checkpoint(out / "latest"), load_checkpoint(again / "latest")
+    resume_diff = max(float(np.abs(a[part][k] - b[part][k]).max())
+                      for part in ("params", "ema") for k in a[part])
     best = [f"Global.pretrained_model={out / 'latest'}", f"Global.save_inference_dir={out / 'inference'}"]
     metrics = evaluate_config(load_config(path, best))
     dtypes = {str(v.dtype) for v in load_checkpoint(out / "latest")["params"].values()}
@@ -184,7 +191,8 @@ def check_amp(workdir, device="cpu", level="O1"):
     fig = {"final_train_loss": result["history"][-1]["train_loss"],
            "eval_top1_in_training": result["history"][-1]["eval_top1"],
            "eval_top1_reloaded": metrics["top1"], "checkpoint_dtypes": sorted(dtypes),
-           "export_top1_agreement": f"{agree}/{len(dygraph)}"}
+           "export_top1_agreement": f"{agree}/{len(dygraph)}", "resume_max_abs_diff": resume_diff}
     ok = (np.isfinite(fig["final_train_loss"]) and dtypes <= {"float32", "int64", "int32"}
+          and resume_diff < 1e-4
           and abs(metrics["top1"] - fig["eval_top1_in_training"]) < 1e-9 and agree == len(dygraph))
     return ok, fig

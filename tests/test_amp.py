@@ -109,3 +109,42 @@ def test_check_gpu_script_runs_its_amp_checks_on_the_cpu(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "PASS  AMP O1 train+eval+export" in out and "PASS  AMP O2 train+eval+export" in out
     assert '"export_top1_agreement": "16/16"' in out and "2 passed, 0 failed" in out
+
+
+def _fp16_adam(seed):
+    from ppcls_ft.optim.optimizer import materialize_accumulators
+    paddle.seed(seed)
+    with paddle.utils.unique_name.guard():  # the same generated names, as in a fresh process
+        lin = paddle.nn.Linear(4, 3)
+        lin.to(dtype="float16")  # what O2 does to the weights on a GPU
+        opt = paddle.optimizer.Adam(0.1, parameters=lin.parameters(), multi_precision=True)
+        materialize_accumulators(opt)
+    return lin, opt
+
+
+def test_o2_master_weights_resume_into_the_optimizers_own_tensors(tmp_path):
+    """The fp32 master copies come back by name into the optimizer's tensors (Paddle looks up
+    accumulators by the master's name), and without saved masters they follow the parameters."""
+    from ppcls_ft.optim.optimizer import load_optimizer_state
+    from ppcls_ft.utils import portable_save
+    from ppcls_ft.utils.safe_pickle import safe_load, unwrap_tensors
+    lin, opt = _fp16_adam(0)
+    for name, mw in opt._master_weights.items():
+        mw.set_value(np.full(mw.shape, 0.25, np.float32))  # distinct from the fp16 params
+    portable_save.save(opt.state_dict(), str(tmp_path / "x.pdopt"))
+    state = unwrap_tensors(safe_load(str(tmp_path / "x.pdopt")))
+    lin2, opt2 = _fp16_adam(1)
+    own = dict(opt2._master_weights)
+    assert load_optimizer_state(opt2, state, "x.pdopt") is None
+    for name, mw in opt2._master_weights.items():
+        assert mw is own[name]  # the same, named tensor: accumulators are found by its name
+        np.testing.assert_array_equal(mw.numpy(), 0.25)
+    for p in lin2.parameters():
+        opt2._get_accumulator_master("moment1", p)  # raises if the names were lost
+    # no saved masters (a PaddleClas .pdopt, names of another process): masters = parameters
+    lin3, opt3 = _fp16_adam(2)
+    note = load_optimizer_state(opt3, {"LR_Scheduler": {}, "other_moment1_0": np.zeros(3)}, "pc",
+                                strict=False)
+    assert note and "not restored" in note
+    for p in lin3.parameters():
+        np.testing.assert_array_equal(opt3._master_weights[p.name].numpy(), p.astype("float32").numpy())

@@ -123,13 +123,15 @@ def harness(runs):
         (root / broken).write_bytes(b"not an image")
         lines[i] = f"{broken} {lines[i].split()[1]}"
     bad.write_text("\n".join(lines) + "\n")
+    same = root / "same_list.txt"
+    same.write_text((train_list.read_text().splitlines()[0] + "\n") * 16)
     out = base / "harness"
     out.mkdir()
     rc, log = launch([REPO / "tests" / "multiproc" / "harness.py", out, root, train_list, val_list,
-                      bad], base / "logh")
+                      bad, same], base / "logh")
     assert rc == 0, log
     return {name: [json.loads((out / f"{name}.rank{r}.json").read_text()) for r in (0, 1)]
-            for name in ("streams", "nan", "empty", "probe", "nosync")}, out
+            for name in ("streams", "nan", "empty", "probe", "nosync", "bn")}, out
 
 
 def test_each_rank_draws_its_own_random_streams_reproducibly(harness):
@@ -137,7 +139,8 @@ def test_each_rank_draws_its_own_random_streams_reproducibly(harness):
     for rank in results["streams"]:
         r0, r1 = rank["ranks"]
         assert rank["again_equal"]  # re-seeding (seed, rank, epoch) replays the same draws
-        assert r0[0] != r1[0] and r0[1] != r1[1] and r0[2] != r1[2]  # crops, Mixup, its lambda
+        # both ranks load the same picture at every position: only their seeds differ
+        assert r0[0] != r1[0] and r0[2] != r1[2]  # random crops and flips, the Mixup lambda
         assert r0[3:] != r1[3:]  # dropout masks
 
 
@@ -145,13 +148,14 @@ def test_nan_on_one_rank_stops_every_rank_with_the_message(harness):
     results, _ = harness
     for rank in results["nan"]:
         assert rank["diverged_at"] and "on rank 1" in rank["diverged_at"], rank
-        assert "epoch 1, iteration 3" in rank["diverged_at"] and rank["epochs"] == 0
+        assert "epoch 1, iteration 4" in rank["diverged_at"] and rank["epochs"] == 0
 
 
 def test_an_unreadable_batch_on_one_rank_is_skipped_by_all(harness):
     results, out = harness
-    r0, r1 = (r["ranks"] for r in results["empty"])
-    assert r0 == r1 and r0[0] == r1[1]  # all ranks hold the same weights after the skip
+    for rank in results["empty"]:
+        assert rank["ranks"][0] == rank["ranks"][1]  # both ranks hold the same weights
+        assert rank["steps"] == 2  # the skipped boundary still stepped (with iteration 1's grads)
     log = (out / "empty" / "train.log").read_text()
     assert "rank 1 had no readable image in its batch; every rank skips this batch" in log
 
@@ -161,6 +165,15 @@ def test_linear_probe_under_data_parallel(harness):
     for rank in results["probe"]:
         assert rank["changed"] and all(k.startswith("fc.") for k in rank["changed"])
         assert rank["ranks"][0] == rank["ranks"][1]
+
+
+def test_batch_norm_running_statistics_are_averaged_over_ranks(harness):
+    results, _ = harness
+    res = results["bn"][0]
+    before, after = np.array(res["before"]), np.array(res["after"])
+    assert not np.allclose(before[0], before[1])  # each rank saw its own images
+    np.testing.assert_allclose(after[0], before.mean(axis=0), rtol=1e-5)
+    np.testing.assert_array_equal(after[0], after[1])
 
 
 def test_micro_steps_skip_the_gradient_all_reduce(harness):

@@ -333,3 +333,51 @@ def test_optimizer_state_that_does_not_fit_is_an_error_or_said(tmp_path, tiny_da
                    overrides=[f"Global.checkpoints={pc}"]))
     log = (tmp_path / "pcres" / "train.log").read_text()
     assert "optimizer state not restored (names differ" in log and "the LR schedule was" in log
+
+
+def test_resume_without_pdema_restarts_ema_from_the_resumed_weights(tmp_path, tiny_dataset):
+    from ppcls_ft.engine.builder import build_train_parts
+    from ppcls_ft.engine.resume import restore
+    from ppcls_ft.engine.trainer import Trainer
+    import paddle
+    train(make_cfg(tmp_path, tiny_dataset, name="plain", epochs=2))  # no EMA section: no .pdema
+    cfg = make_cfg(tmp_path, tiny_dataset, name="ema", epochs=3, overrides=["EMA={decay: 0.99}"])
+    with paddle.utils.unique_name.guard():
+        parts = build_train_parts(cfg)
+        trainer = Trainer(parts)
+        restore(parts, trainer.inner, trainer.state, str(tmp_path / "plain" / "epoch_2"), parts.logger)
+    resumed = load_checkpoint(tmp_path / "plain" / "epoch_2")["params"]
+    for key, value in resumed.items():
+        np.testing.assert_allclose(parts.ema.shadow[key].numpy(), value, rtol=1e-6, err_msg=key)
+
+
+def test_resume_with_another_seed_is_refused(tmp_path, tiny_dataset):
+    from ppcls_ft.errors import ConfigError
+    train(make_cfg(tmp_path, tiny_dataset, name="a", epochs=1, overrides=["Optimizer.lr.warmup_epoch=0"]))
+    with pytest.raises(ConfigError, match=r"Global.seed: is 4 but .* trained with seed 3; resume with Global.seed=3"):
+        train(make_cfg(tmp_path, tiny_dataset, name="b", epochs=2, overrides=[
+            f"Global.checkpoints={tmp_path / 'a' / 'latest'}", "Global.seed=4"]))
+
+
+def test_resume_with_another_batch_size_repositions_the_schedule(tmp_path, tiny_dataset):
+    # 12 images: batch 4 -> 3 steps per epoch; batch 6 -> 2. Resumed after epoch 1 at batch 6,
+    # the schedule continues from step 1 x 2 = 2, and the change is said.
+    train(make_cfg(tmp_path, tiny_dataset, name="a", epochs=3, overrides=["Optimizer.lr.warmup_epoch=0"]))
+    train(make_cfg(tmp_path, tiny_dataset, name="b", epochs=3, overrides=[
+        "Optimizer.lr.warmup_epoch=0", f"Global.checkpoints={tmp_path / 'a' / 'epoch_1'}",
+        "DataLoader.Train.sampler.batch_size=6"]))
+    log = (tmp_path / "b" / "train.log").read_text()
+    assert "optimizer steps per epoch changed from 3 to 2" in log and "continues from step 2" in log
+    assert load_checkpoint(tmp_path / "b" / "latest")["states"]["train_state"]["global_step"] == 6
+
+
+def test_auto_resume_prefers_latest_over_the_original_checkpoint(tmp_path, tiny_dataset):
+    train(make_cfg(tmp_path, tiny_dataset, name="src", epochs=3, overrides=["Optimizer.lr.warmup_epoch=0"]))
+    first = ["Optimizer.lr.warmup_epoch=0", "Global.auto_resume=True",
+             f"Global.checkpoints={tmp_path / 'src' / 'epoch_1'}"]
+    train(make_cfg(tmp_path, tiny_dataset, name="job", epochs=2, overrides=first))
+    result = train(make_cfg(tmp_path, tiny_dataset, name="job", epochs=3, overrides=first))
+    log = (tmp_path / "job" / "train.log").read_text()
+    assert f"resumed from {tmp_path / 'src' / 'epoch_1'}" in log  # the first start
+    assert f"resumed from {tmp_path / 'job' / 'latest'}" in log  # the restart: no epoch repeated
+    assert [r["epoch"] for r in result["history"]] == [1, 2, 3]

@@ -61,6 +61,13 @@ def seed_everything(seed):
     paddle.seed(seed)
 
 
+def _device_wanted(glob):
+    """'gpu' when the config asks for a GPU and this Paddle can use one, else 'cpu'."""
+    from ..utils.device import gpu_available
+    wants = str(glob.get("device", "cpu")).lower().startswith("gpu")
+    return "gpu" if wants and gpu_available() else "cpu"
+
+
 def global_cfg(cfg):
     return cfg.get("Global") or {}
 
@@ -95,7 +102,7 @@ def build_model_for(cfg, logger, pretrained_model=None, for_training=True):
 def build_eval_parts(cfg, logger=None, pretrained_model=None):
     """Model + eval loader + eval loss/metrics for ``tools/eval.py``."""
     glob = global_cfg(cfg)
-    dist.init()  # launched on several devices, each evaluates a shard
+    dist.init(_device_wanted(glob))  # launched on several devices, each evaluates a shard
     logger = logger or get_logger(None, rank=dist.rank())
     device, _ = setup_device(glob.get("device", "cpu"), glob.get("cpu_threads"), logger)
     seed_everything(int(glob.get("seed") or 0))
@@ -133,7 +140,7 @@ def build_train_parts(cfg):
     """Everything for ``tools/train.py``: seed/device, data, model, loss, batch op, lr+optimizer,
     AMP/EMA, metrics, writer. Resume is done by the Trainer (it owns the loop state)."""
     glob = global_cfg(cfg)
-    dist.init()
+    dist.init(_device_wanted(glob))
     rank = dist.rank()
     out_dir = Path(glob.get("output_dir", "./output"))
     logger = get_logger(out_dir, rank=rank)

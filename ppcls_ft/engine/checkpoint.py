@@ -9,7 +9,7 @@ kill during a save leaves either the previous complete file or the new one, neve
 ``.pdstates`` is renamed last: it is what marks a checkpoint as complete for resume.
 
 ``.pdstates`` layout (format 2): ``{format, train_state (engine.train_state.TrainState),
-lr_scheduler, batch_op, scaler, config, metric, epoch}``; ``metric``/``epoch`` repeat the best top-1
+lr_scheduler, batch_op, scaler, config, steps_per_epoch, metric, epoch}``; ``metric``/``epoch`` repeat the best top-1
 and the epoch under the names PaddleClas's own ``.pdstates`` uses, so its tools read ours.
 ``load_checkpoint`` also reads format 1 (ppcls_ft 0.1) and PaddleClas's layout (``.pdopt`` a list
 of optimizer state dicts, ``.pdstates`` only ``{metric, epoch}``).
@@ -98,10 +98,12 @@ def float32_state(model):
     return out
 
 
-def build_states(train_state, *, lr_scheduler=None, batch_op=None, scaler=None, config=None):
+def build_states(train_state, *, lr_scheduler=None, batch_op=None, scaler=None, config=None,
+                 steps_per_epoch=None):
     """The ``.pdstates`` payload (format 2)."""
     return {"format": FORMAT, "train_state": train_state.state_dict(),
             "lr_scheduler": lr_scheduler, "batch_op": batch_op, "scaler": scaler, "config": config,
+            "steps_per_epoch": steps_per_epoch,
             "metric": train_state.best_top1, "epoch": train_state.epoch}
 
 
@@ -123,7 +125,8 @@ def read_checkpoint(prefix, steps_per_epoch=None, seed=0):
                            "not a PaddleClas or ppcls_ft checkpoint")
     if st.get("format") == FORMAT:
         return Checkpoint(raw["params"], opt, raw["ema"], st["train_state"],
-                          {k: st.get(k) for k in ("lr_scheduler", "batch_op", "scaler")},
+                          {k: st.get(k) for k in ("lr_scheduler", "batch_op", "scaler",
+                                                  "steps_per_epoch")},
                           st.get("config"))
     if all(k in st for k in _V1_STATE_KEYS):  # ppcls_ft 0.1
         state = {k: st[k] for k in _V1_STATE_KEYS} | {"strategy": {}}

@@ -66,8 +66,8 @@ class FineTuneStrategy:
         return self.linear_probe or self.freeze_backbone_epochs > 0
 
     def state_dict(self):
-        """What the strategy has done so far; ``begin_epoch`` re-derives it from the epoch, so
-        this is recorded for the checkpoint's reader and checked on resume."""
+        """What the strategy has done so far, recorded in the checkpoint for its reader;
+        ``begin_epoch`` re-derives it from the epoch on resume, so nothing is loaded back."""
         return {"frozen": self.frozen, "unfreeze_lr_applied": self._factor_applied}
 
     def describe(self):

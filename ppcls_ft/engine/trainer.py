@@ -37,8 +37,16 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; the run stopped before the bad step touched the weights."""
 
 
+def _bit(rank):
+    """Rank r's flag in a float64 sum: 2**r names each rank exactly up to 50 ranks; beyond,
+    every rank adds 1 and the message counts them instead."""
+    return 2.0 ** rank if dist.world_size() <= 50 else 1.0
+
+
 def _ranks(mask):
-    """Ranks set in a bit mask summed over ranks (rank r contributes 2**r)."""
+    """Ranks set in a bit mask summed over ranks (rank r contributes ``_bit(r)``)."""
+    if dist.world_size() > 50:
+        return [f"{int(mask)} of {dist.world_size()}"] if mask else []
     mask = int(round(mask))
     return [r for r in range(mask.bit_length()) if mask >> r & 1]
 
@@ -61,6 +69,7 @@ class Trainer:
         self._reduced = None               # the trainable parameters the reducer was built for
         self._retired = []                 # earlier DataParallel wrappers (see _wrap)
         self._pending = False              # a backward ran since the last optimizer step
+        self._contributed = 0              # ... and how many, of update_freq
         self._loss_keys = self._probe_loss_keys()
         self._last_stats = self._best_stats = None  # (epoch, analysis.ClassStats) of evals
         self._best_results = None
@@ -164,6 +173,7 @@ class Trainer:
                 self.log_step(epoch, it, iters, avgs, batch_t, reader_t, seen)
             tic = time.time()
         seconds = time.time() - start
+        skipped = int(dist.all_sum([skipped])[0])  # every rank's, not rank 0's alone
         record = {"epoch": epoch, "train_loss": avgs["loss"].mean if "loss" in avgs else None,
                   "lr": self.current_lr(), "images_per_sec": seen / seconds if seconds else None,
                   "seconds": round(seconds, 2), "skipped_images": skipped}
@@ -186,7 +196,7 @@ class Trainer:
         where = f"epoch {epoch}, iteration {it}, optimizer step {self.state.global_step + 1}"
         # Agree on skipping *before* the forward pass: a DataParallel forward arms the gradient
         # all-reduce of the next backward, so a rank must not run one that others skip.
-        empty = _ranks(dist.all_sum([0.0 if n else 2.0 ** self.rank])[0])
+        empty = _ranks(dist.all_sum([0.0 if n else _bit(self.rank)])[0])
         if empty:
             if dist.world_size() > 1:
                 self.log.warning(f"{where}: rank {', '.join(map(str, empty))} had no readable image "
@@ -194,6 +204,8 @@ class Trainer:
             if boundary and self._pending:  # the backward that would have synced did not run
                 dist.sync_grads_(q for q in self.inner.parameters() if not q.stop_gradient)
                 self._optimizer_step()
+            elif boundary:  # a whole accumulation group without an image: no step at all
+                self._contributed = 0
             return {}, 0
         micro = not boundary and self.model is not self.inner
         with self.model.no_sync() if micro else contextlib.nullcontext():
@@ -205,9 +217,14 @@ class Trainer:
             logits = logits.astype("float32")  # loss and metrics in fp32 under AMP
             losses = p.train_loss(logits, targets)
             means, count = self._agree(losses, n, where)
-            scaled = losses["loss"] / p.update_freq
+            # DataParallel averages the ranks' gradients; weighting each rank by its share of
+            # the images makes that the gradient of the mean over all images even when a rank
+            # lost some to unreadable files (the factor is 1 when the batches are equal).
+            share = n * dist.world_size() / count
+            scaled = losses["loss"] * (share / p.update_freq)
             (p.scaler.scale(scaled) if p.scaler else scaled).backward()
         self._pending = True
+        self._contributed += 1
         if boundary:
             self._optimizer_step()
         if p.train_metrics is not None and p.batch_op is None:
@@ -219,7 +236,7 @@ class Trainer:
         keys = self._loss_keys
         values = [float(losses[k]) for k in keys]
         bad = not all(math.isfinite(v) for v in values)
-        local = [n, 2.0 ** self.rank if bad else 0.0] + [0.0 if bad else v * n for v in values]
+        local = [n, _bit(self.rank) if bad else 0.0] + [0.0 if bad else v * n for v in values]
         total = dist.all_sum(local)
         nonfinite = _ranks(total[1])
         if nonfinite:
@@ -231,6 +248,12 @@ class Trainer:
 
     def _optimizer_step(self):
         p = self.p
+        if 0 < self._contributed < p.update_freq:  # skipped micro-steps: average what ran
+            with paddle.no_grad():
+                for q in self.inner.parameters():
+                    if q.grad is not None:
+                        paddle.assign(q.grad * (p.update_freq / self._contributed), q.grad)
+        self._contributed = 0
         if p.scaler:
             p.scaler.step(p.optimizer)
             p.scaler.update()
@@ -309,7 +332,8 @@ class Trainer:
         states = build_states(
             self.state, lr_scheduler=p.lr_scheduler.state_dict(),
             batch_op=p.batch_op.state_dict() if p.batch_op is not None else None,
-            scaler=p.scaler.state_dict() if p.scaler is not None else None, config=self.cfg)
+            scaler=p.scaler.state_dict() if p.scaler is not None else None, config=self.cfg,
+            steps_per_epoch=p.steps_per_epoch)
         save_checkpoint(os.path.join(self.output_dir, name), float32_state(self.inner),
                         p.optimizer.state_dict(), states,
                         p.ema.state_dict() if p.ema is not None else None)

@@ -52,7 +52,13 @@ class ModelEMA:
         self.num_updates = 0
         # averaged: learnable weights (frozen ones too); copied: buffers and BN running stats
         self._param_names = {name for name, _ in model.named_parameters()} - running_stat_names(model)
+        self.reset(model)
+
+    def reset(self, model):
+        """Start the average afresh from ``model``'s current weights (e.g. after a resume from a
+        checkpoint that has no ``.pdema``)."""
         self.shadow = {}
+        self.num_updates = 0
         with paddle.no_grad():
             for name, value in model.state_dict(use_hook=False).items():
                 copy = value.detach().clone()

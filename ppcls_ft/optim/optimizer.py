@@ -355,20 +355,35 @@ def _state_keys(state):
 def load_optimizer_state(optimizer, state, where, strict=True):
     """Restore ``optimizer`` from a ``.pdopt`` state; returns a note when something was left out.
 
-    Every accumulator (``<param name>_velocity_0``, ``_moment1_0``, ...) must be there with its
-    shape: Paddle's own ``set_state_dict`` warns and skips, or fails on an ``assert``, and a
-    half-restored optimizer trains differently in silence. ``strict=False`` (a PaddleClas
-    checkpoint, whose generated names may differ from ours) restores only the LR schedule then.
+    Call it after the model weights are restored. Every accumulator (``<param name>_velocity_0``,
+    ``_moment1_0``, ...) must be there with its shape: Paddle's own ``set_state_dict`` warns and
+    skips, or fails on an ``assert``, and a half-restored optimizer trains differently in
+    silence. ``strict=False`` (a PaddleClas checkpoint, whose generated names may differ from
+    ours) restores only the LR schedule then.
+
+    AMP O2 master weights (fp32 copies of fp16 parameters) are written into the optimizer's own
+    master tensors, never handed to ``set_state_dict``: it would replace them with the unnamed
+    tensors a checkpoint reader makes, and Paddle finds accumulators by the master's name.
+    Without saved masters they are re-derived from the restored parameters, or the first step
+    would overwrite the resumed weights with the masters made from the pretrained ones.
     """
     import numpy as np
     from ..utils.safe_pickle import to_tensors
+    masters = getattr(optimizer, "_master_weights", None) or {}
+    _masters_from_params(optimizer, masters)
+    saved_masters = state.get("master_weights") or {}
     own = optimizer.state_dict()
     missing = sorted(_state_keys(own) - _state_keys(state))
     extra = sorted(_state_keys(state) - _state_keys(own))
     shapes = [k for k in _state_keys(own) & _state_keys(state)
               if tuple(own[k].shape) != tuple(np.shape(state[k]))]
+    if saved_masters and set(saved_masters) != set(masters):
+        missing += sorted(f"master_weights/{k}" for k in set(masters) - set(saved_masters))
+        extra += sorted(f"master_weights/{k}" for k in set(saved_masters) - set(masters))
     if not (missing or extra or shapes):
-        optimizer.set_state_dict(to_tensors(state))
+        optimizer.set_state_dict(to_tensors({k: v for k, v in state.items() if k != "master_weights"}))
+        for name, value in saved_masters.items():
+            masters[name].set_value(np.asarray(value, np.float32))
         return None
     detail = (f"missing {missing[:3]}{'...' if len(missing) > 3 else ''} ({len(missing)}), "
               f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''} ({len(extra)}), "
@@ -379,3 +394,15 @@ def load_optimizer_state(optimizer, state, where, strict=True):
     if "LR_Scheduler" in state and hasattr(optimizer._learning_rate, "set_state_dict"):
         optimizer._learning_rate.set_state_dict(state["LR_Scheduler"])
     return f"optimizer state not restored (names differ: {detail}); the LR schedule was"
+
+
+def _masters_from_params(optimizer, masters):
+    """Set each fp32 master weight to its (restored) low-precision parameter."""
+    if not masters:
+        return
+    groups = optimizer._param_groups
+    params = [p for g in groups for p in g["params"]] if groups and isinstance(groups[0], dict) \
+        else list(groups)
+    for p in params:
+        if p.name in masters:
+            masters[p.name].set_value(p.astype("float32"))

@@ -4,6 +4,8 @@ The same code runs on GPUs (NCCL) and on CPU processes (gloo), which is how the 
 ``python -m paddle.distributed.launch --nproc_per_node 2 tools/train.py ...``. Every helper is a
 no-op in a single process, so the training loop has one path.
 """
+import os
+
 import paddle
 import paddle.distributed as dist
 
@@ -18,10 +20,13 @@ def rank():
     return dist.get_rank()
 
 
-def init():
-    """``init_parallel_env`` once, when launched with more than one process."""
+def init(device="cpu"):
+    """``init_parallel_env`` once, when launched with more than one process. CPU runs use gloo
+    even on a GPU build of Paddle, which otherwise picks NCCL whenever CUDA is compiled in."""
     global _initialised
     if world_size() > 1 and not _initialised:
+        if not str(device).lower().startswith("gpu"):
+            os.environ.setdefault("PADDLE_DISTRI_BACKEND", "gloo")
         dist.init_parallel_env()
         _initialised = True
 

@@ -1,6 +1,7 @@
 """Run inside ``paddle.distributed.launch --nproc_per_node 2``: multi-device scenarios that need
 a hand on one rank. Each rank writes ``OUT/<scenario>.rank<r>.json``; tests/test_distributed.py
-reads them. Usage: harness.py OUT_DIR DATA_ROOT TRAIN_LIST VAL_LIST BAD_TRAIN_LIST"""
+reads them. Usage: harness.py OUT_DIR DATA_ROOT TRAIN_LIST VAL_LIST BAD_TRAIN_LIST SAME_LIST
+(SAME_LIST: one image on every line, so both ranks load the same picture at each position)."""
 import json
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from ppcls_ft.engine.builder import build_train_parts
 from ppcls_ft.engine.trainer import Trainer
 from ppcls_ft.selfcheck import config
 
-OUT, ROOT, TRAIN, VAL, BAD = map(Path, sys.argv[1:6])
+OUT, ROOT, TRAIN, VAL, BAD, SAME = map(Path, sys.argv[1:7])
 
 
 def parts_for(name, **extra):
@@ -43,7 +44,7 @@ def draws(trainer):
 
 def streams():
     ops = [{"OpSampler": {"MixupOperator": {"alpha": 0.8, "prob": 1.0}}}]
-    parts = parts_for("streams", random_aug=True, Global={"update_freq": 1})
+    parts = parts_for("streams", train_list=SAME, random_aug=True, Global={"update_freq": 1})
     parts_cfg = parts.cfg["DataLoader"]["Train"]["dataset"]
     from ppcls_ft.data.batch_ops import build_batch_op
     parts.batch_op = build_batch_op(ops, 4)
@@ -71,7 +72,7 @@ def nan_on_rank1():
     parts = parts_for("nan", FineTune={"freeze_backbone_epochs": 0})
     trainer = Trainer(parts)
     if pdist.get_rank() == 1:
-        parts.train_loss = NanAt(parts.train_loss, 3)
+        parts.train_loss = NanAt(parts.train_loss, 4)  # an accumulation boundary (update_freq 2)
     result = trainer.fit()
     return {"diverged_at": result["diverged_at"], "epochs": len(result["history"])}
 
@@ -79,8 +80,23 @@ def nan_on_rank1():
 def empty_batch_on_rank1():
     parts = parts_for("empty", train_list=BAD, shuffle=False, Global={"epochs": 1},
                       FineTune={"freeze_backbone_epochs": 0})
-    result = Trainer(parts).fit()
-    return {"ranks": gathered(checksum(parts.model)), "skipped": result["history"][0]["skipped_images"]}
+    trainer = Trainer(parts)
+    result = trainer.fit()
+    return {"ranks": gathered(checksum(parts.model)), "skipped": result["history"][0]["skipped_images"],
+            "steps": trainer.state.global_step}
+
+
+def bn_statistics():
+    """Batch norm in train mode: each rank's running statistics drift apart over an epoch;
+    sync_running_stats leaves every rank with their mean."""
+    parts = parts_for("bn", FineTune={"freeze_backbone_epochs": 0, "freeze_bn_stats": False},
+                      Global={"epochs": 1})
+    trainer = Trainer(parts)
+    trainer.train_epoch(1)
+    mean = parts.model.state_dict()["conv1.bn._mean"]
+    before = gathered(mean.numpy().ravel()[:8])
+    trainer.sync_running_stats()
+    return {"before": before, "after": gathered(mean.numpy().ravel()[:8])}
 
 
 def linear_probe():
@@ -111,7 +127,7 @@ def no_sync():
 
 
 SCENARIOS = {"streams": streams, "nan": nan_on_rank1, "empty": empty_batch_on_rank1,
-             "probe": linear_probe, "nosync": no_sync}
+             "probe": linear_probe, "nosync": no_sync, "bn": bn_statistics}
 
 if __name__ == "__main__":
     for name, fn in SCENARIOS.items():
