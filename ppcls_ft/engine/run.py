@@ -7,9 +7,11 @@ import paddle
 from ..data.transforms import build_transforms
 from ..errors import ConfigError
 from ..predictor import format_result, list_images, read_label_file, topk_results
+from ..utils import distributed as dist
 from ..utils.logger import format_values, get_logger
 from .builder import build_eval_parts, build_model_for, build_train_parts, class_num_of
 from .evaluate import evaluate
+from .run_guard import run_guard
 from .trainer import Trainer
 
 def train(cfg):
@@ -17,10 +19,11 @@ def train(cfg):
     # A fresh name scope: optimizer state (.pdopt) is keyed by generated names such as
     # conv2d_3.w_0_velocity_0, so a run must produce the same names whether it is the first in its
     # process or not; otherwise a resumed optimizer cannot find its state.
-    with paddle.utils.unique_name.guard():
+    out = Path(cfg["Global"].get("output_dir", "./output")).resolve()
+    # The output folder is locked and stop signals are caught before anything is written there.
+    with run_guard(out, rank=dist.rank()), paddle.utils.unique_name.guard():
         parts = build_train_parts(cfg)
         result = Trainer(parts).fit()
-    out = Path(cfg["Global"].get("output_dir", "./output")).resolve()
     parts.logger.info(f"results: {out}/train_results.json, checkpoints: {out}/best_model.pdparams, "
                       f"{out}/latest.pdparams, log: {out}/train.log")
     return result

@@ -4,14 +4,16 @@ Determinism: every random draw derives from one seed tree (``utils.seeding``: se
 epoch -> stream). A run resumed from ``epoch_N`` replays exactly the draws of the uninterrupted
 run from epoch N+1 on, and every rank of a multi-device run draws its own.
 
+A stop signal (SIGTERM, Ctrl-C) ends the run between two steps, abandoning the epoch in progress
+(``engine/run_guard.py``); ``latest`` keeps the last finished one.
+
 Several devices (``paddle.distributed.launch``): after each forward pass the ranks agree, in one
 small all-reduce, on the global loss, the image count and whether any rank saw a non-finite loss
-or a batch with no readable image. A NaN on one rank therefore stops every rank with the same
+or a batch with no readable image; before it, on whether a stop signal arrived on any rank. A NaN on one rank therefore stops every rank with the same
 message, and an empty batch is skipped by all, instead of leaving the others waiting forever in
 the gradient all-reduce. Micro-steps of ``Global.update_freq`` skip that all-reduce (``no_sync``).
 """
 import contextlib
-import json
 import math
 import os
 import time
@@ -19,14 +21,17 @@ import time
 import numpy as np
 import paddle
 
-from ..data.loader import set_epoch
+from ..data.loader import iterate, set_epoch
 from ..utils import distributed as dist
 from ..utils.logger import format_eta, format_values
 from ..utils.seeding import BATCH_OP, SeedTree
 from ..models._builder import load_state_exact
-from .checkpoint import build_states, float32_state, read_checkpoint, save_checkpoint, to_tensors
+from .checkpoint import (auto_resume_prefix, build_states, float32_state, read_checkpoint,
+                         save_checkpoint, to_tensors)
 from .diagnosis import diagnose, format_diagnosis
 from .evaluate import Average, evaluate
+from .results import resume_hint, write_results
+from .run_guard import RunStopped, stop_requested
 from .strategies import unwrap
 from .train_state import TrainState, check_compatible
 
@@ -35,18 +40,11 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; the run stopped before the bad step touched the weights."""
 
 
-def _ranks(mask):
-    """Ranks set in a bit mask summed over ranks (rank r contributes 2**r)."""
-    mask = int(round(mask))
-    return [r for r in range(mask.bit_length()) if mask >> r & 1]
-
-
 class Trainer:
     def __init__(self, parts):
         self.p = parts
         self.cfg = parts.cfg
-        glob = self.cfg.get("Global") or {}
-        self.glob = glob
+        self.glob = glob = self.cfg.get("Global") or {}
         self.log = parts.logger
         self.epochs = int(glob.get("epochs", 1))
         self.output_dir = str(glob.get("output_dir", "./output"))
@@ -79,13 +77,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self):
-        prefix = self.resume_source()
+        prefix = self.glob.get("checkpoints") or auto_resume_prefix(self.glob, self.output_dir, self.log)
         if prefix:
             self.resume(prefix)
         strategy = self.p.strategy
         if strategy.active or strategy.freeze_bn_stats:
             self.log.info(f"fine-tuning strategy: {strategy.describe()}")
-        diverged_at = None
+        diverged_at = stopped = None
         try:
             for epoch in range(self.state.epoch + 1, self.epochs + 1):
                 record = self.train_epoch(epoch)
@@ -97,14 +95,17 @@ class Trainer:
         except TrainingDiverged as exc:
             diverged_at = str(exc)
             self.log.error(f"training stopped: {exc}. Nothing was saved after the last good epoch.")
+        except RunStopped as exc:
+            stopped = exc.signal
+            self.log.error(f"training {exc}; {resume_hint(self.output_dir, self.state, self.epochs)}")
         verdict = diagnose(self.state.history, diverged_at)
-        self.write_results(verdict, diverged_at)
+        self.write_results(verdict, diverged_at, stopped)
         self.log.info(format_diagnosis(verdict))
         if self.p.writer is not None:
             self.p.writer.close()
         st = self.state
         return {"history": st.history, "best_top1": st.best_top1, "best_epoch": st.best_epoch,
-                "diagnosis": verdict, "diverged_at": diverged_at}
+                "diagnosis": verdict, "diverged_at": diverged_at, "stopped_by": stopped}
 
     def reseed(self, epoch):
         tree, rank = SeedTree(self.state.seed), self.rank
@@ -141,7 +142,7 @@ class Trainer:
         avgs, batch_t, reader_t = {}, Average(), Average()
         seen, skipped, start = 0, 0, time.time()
         tic = time.time()
-        for it, (images, labels, n_skipped) in enumerate(p.train_loader, 1):
+        for it, (images, labels, n_skipped) in enumerate(iterate(p.train_loader), 1):
             if it > iters:
                 break
             skipped += int(np.asarray(n_skipped).sum())
@@ -177,7 +178,10 @@ class Trainer:
         where = f"epoch {epoch}, iteration {it}, optimizer step {self.state.global_step + 1}"
         # Agree on skipping *before* the forward pass: a DataParallel forward arms the gradient
         # all-reduce of the next backward, so a rank must not run one that others skip.
-        empty = _ranks(dist.all_sum([0.0 if n else 2.0 ** self.rank])[0])
+        agreed = dist.all_sum([0.0 if n else 2.0 ** self.rank, 1.0 if stop_requested() else 0.0])
+        if agreed[1]:  # a stop signal on any rank: every rank ends here, before this step
+            raise RunStopped(stop_requested() or "a stop signal on another rank", where)
+        empty = dist.ranks_in_mask(agreed[0])
         if empty:
             if dist.world_size() > 1:
                 self.log.warning(f"{where}: rank {', '.join(map(str, empty))} had no readable image "
@@ -212,7 +216,7 @@ class Trainer:
         bad = not all(math.isfinite(v) for v in values)
         local = [n, 2.0 ** self.rank if bad else 0.0] + [0.0 if bad else v * n for v in values]
         total = dist.all_sum(local)
-        nonfinite = _ranks(total[1])
+        nonfinite = dist.ranks_in_mask(total[1])
         if nonfinite:
             on = f" on rank {', '.join(map(str, nonfinite))}" if dist.world_size() > 1 else ""
             shown = values[keys.index("loss")] if bad else "nan"
@@ -316,23 +320,6 @@ class Trainer:
             self.save(f"epoch_{epoch}")
         self.write_results(None, None)
 
-    def resume_source(self):
-        """``Global.checkpoints``, or with ``Global.auto_resume`` this run's own ``latest``."""
-        if self.glob.get("checkpoints"):
-            return self.glob["checkpoints"]
-        if not self.glob.get("auto_resume"):
-            return None
-        latest = os.path.join(self.output_dir, "latest")
-        found = int(dist.all_sum([os.path.isfile(latest + ".pdstates")])[0])
-        if found == 0:
-            self.log.info(f"Global.auto_resume: no {latest}.pdstates yet; starting from epoch 1")
-            return None
-        if found < dist.world_size():
-            raise RuntimeError(f"Global.auto_resume: {latest}.pdstates is visible on {found} of "
-                               f"{dist.world_size()} ranks; put Global.output_dir on storage every "
-                               "node shares")
-        return latest
-
     def resume(self, prefix):
         p = self.p
         ck = read_checkpoint(prefix, p.steps_per_epoch, seed=self.state.seed)
@@ -357,15 +344,6 @@ class Trainer:
         if ck.notes:
             self.log.warning(f"resume from {prefix}: " + "; ".join(ck.notes))
 
-    def write_results(self, verdict, diverged_at):
-        if self.rank != 0:
-            return
-        os.makedirs(self.output_dir, exist_ok=True)
-        st = self.state
-        data = {"epochs": st.history, "best_epoch": st.best_epoch,
-                "best_top1": st.best_top1 if st.best_known else None,
-                "diverged_at": diverged_at, "diagnosis": verdict}
-        path = os.path.join(self.output_dir, "train_results.json")
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-        os.replace(path + ".tmp", path)
+    def write_results(self, verdict, diverged_at, stopped_by=None):
+        if self.rank == 0:
+            write_results(self.output_dir, self.state, verdict, diverged_at, stopped_by)

@@ -44,6 +44,12 @@ def all_sum(values):
     return t.numpy().tolist()
 
 
+def ranks_in_mask(mask):
+    """Ranks set in a bit mask summed over ranks by ``all_sum`` (rank r contributes 2**r)."""
+    mask = int(round(mask))
+    return [r for r in range(mask.bit_length()) if mask >> r & 1]
+
+
 def average_(tensors):
     """Average float tensors across ranks in place (batch-norm running statistics)."""
     if world_size() < 2:
