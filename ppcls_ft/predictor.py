@@ -71,7 +71,7 @@ def read_label_file(path, class_num, where):
     if not path.is_file():
         raise ConfigError(where, f"label file {str(path)!r} does not exist; fix the path or set it to null")
     names = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
         if not line.strip():
             continue
         head, _, name = line.strip().partition(" ")
