@@ -212,7 +212,10 @@ class Predictor:
             except OSError as exc:
                 raise DataError(f"{name}: cannot read the image ({exc})") from None
         if isinstance(image, (bytes, bytearray)):
-            image = self._decode(bytes(image))
+            try:
+                image = self._decode(bytes(image))
+            except DataError as exc:  # corrupt, or above DecodeImage.max_pixels: say which file
+                raise DataError(f"{name or 'image bytes'}: {exc}") from None
             if image is None:
                 raise DataError(f"{name or 'image bytes'}: not a decodable image")
         elif not isinstance(image, np.ndarray):

@@ -129,3 +129,33 @@ def test_max_pixels_is_a_checked_config_key(tmp_path):
         ops[0]["DecodeImage"]["max_pixels"] = bad
         with pytest.raises(ConfigError, match=rf"transform_ops.0.DecodeImage.*{message}"):
             build_transforms(ops)
+
+
+def test_an_epoch_without_one_readable_image_stops_the_run(tmp_path):
+    image_root, lst = chinese_dataset(tmp_path)
+    for p in image_root.rglob("*.jpg"):
+        p.write_bytes(b"not an image")
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(TINY.format(out=tmp_path / "o", root=image_root, lst=lst, epochs=1, vdl=False)
+                        .replace("warmup_epoch: 1", "warmup_epoch: 0"), encoding="utf-8")
+    with pytest.raises(DataError, match="epoch 1: no image of DataLoader.Train was readable"):
+        train(load_config(cfg_path))
+    assert not (tmp_path / "o" / "latest.pdparams").exists()  # nothing trained, nothing saved
+
+
+def test_infer_needs_weights_and_names_the_unreadable_file(tmp_path):
+    from ppcls_ft.data.transforms import build_transforms
+    from ppcls_ft.engine.run import _load_image, infer
+    from ppcls_ft.errors import ConfigError
+
+    image_root, lst = chinese_dataset(tmp_path)
+    cfg_path = tmp_path / "cfg.yaml"
+    text = TINY.format(out=tmp_path / "o", root=image_root, lst=lst, epochs=1, vdl=False)
+    cfg_path.write_text(text + "Infer:\n  transforms:\n    - DecodeImage: {to_rgb: True}\n",
+                        encoding="utf-8")
+    bad = tmp_path / "坏.jpg"
+    bad.write_bytes(b"junk")
+    with pytest.raises(ConfigError, match="Global.pretrained_model: is required to predict"):
+        infer(load_config(cfg_path, [f"Infer.infer_imgs={bad}"]))
+    with pytest.raises(DataError, match=rf"{bad}: cannot decode 4 bytes"):
+        _load_image(build_transforms([{"DecodeImage": None}]), bad)

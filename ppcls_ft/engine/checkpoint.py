@@ -217,9 +217,10 @@ def load_checkpoint(prefix):
         record = _files_record(states_path)
     bad = _mismatched(prefix, record) if record else []
     if bad:
-        raise WeightsError(f"Global.checkpoints: {', '.join(prefix + s for s in bad)} do not belong "
-                           f"with {states_path} (a save was cut off between its renames); resume "
-                           "from another checkpoint of this run, e.g. the newest epoch_N")
+        raise WeightsError(f"Global.checkpoints: {', '.join(prefix + s for s in bad)} missing or "
+                           f"not the file(s) saved with {states_path} (cut short by a copy, "
+                           "replaced, or a save killed between its renames); resume from another "
+                           "checkpoint of this run, e.g. the newest epoch_N")
     parts = {}
     for suffix in ORDER:
         path = prefix + suffix

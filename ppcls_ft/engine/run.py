@@ -5,7 +5,7 @@ import numpy as np
 import paddle
 
 from ..data.transforms import build_transforms
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..predictor import format_result, list_images, read_label_file, topk_results
 from ..utils import distributed as dist
 from ..utils.logger import format_values, get_logger
@@ -31,8 +31,7 @@ def train(cfg):
 
 def evaluate_config(cfg):
     """Evaluate ``Global.pretrained_model`` on ``DataLoader.Eval``; returns the metrics."""
-    if not (cfg["Global"].get("pretrained_model") or cfg["Arch"].get("pretrained")):
-        raise ConfigError("Global.pretrained_model", "is required to evaluate (the weights to test)")
+    _require_weights(cfg, "evaluate (the weights to test)")
     parts = build_eval_parts(cfg)
     result = evaluate(parts, parts.model)
     images = result.pop("images")
@@ -40,11 +39,24 @@ def evaluate_config(cfg):
     return result
 
 
+def _require_weights(cfg, to_do):
+    if not (cfg["Global"].get("pretrained_model") or cfg["Arch"].get("pretrained")):
+        raise ConfigError("Global.pretrained_model", f"is required to {to_do}")
+
+
+def _load_image(transform, path):
+    try:
+        return transform.to_chw(path.read_bytes())
+    except DataError as exc:  # corrupt, or above DecodeImage.max_pixels: say which file
+        raise DataError(f"{path}: {exc}") from None
+
+
 def infer(cfg):
     """Top-k with label names for ``Infer.infer_imgs`` (an image or a folder); prints and returns."""
     infer_cfg = cfg.get("Infer") or {}
     if "transforms" not in infer_cfg:
         raise ConfigError("Infer.transforms", "is required (the eval preprocessing list)")
+    _require_weights(cfg, "predict (without it the classifier is random)")
     logger = get_logger(None)
     model = build_model_for(cfg, logger, for_training=False)
     model.eval()
@@ -60,7 +72,7 @@ def infer(cfg):
     results = []
     for i in range(0, len(files), batch):
         chunk = files[i:i + batch]
-        arrays = [transform.to_chw(f.read_bytes()) for f in chunk]
+        arrays = [_load_image(transform, f) for f in chunk]
         with paddle.no_grad():
             probs = paddle.nn.functional.softmax(model(paddle.to_tensor(np.stack(arrays)))).numpy()
         for res in topk_results(probs, topk, names, [str(f) for f in chunk]):

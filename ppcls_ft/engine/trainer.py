@@ -22,6 +22,7 @@ import numpy as np
 import paddle
 
 from ..data.loader import iterate, set_epoch
+from ..errors import DataError
 from ..utils import distributed as dist
 from ..utils.logger import format_eta, format_values
 from ..utils.seeding import BATCH_OP, SeedTree
@@ -139,9 +140,8 @@ class Trainer:
         if p.train_metrics is not None:
             p.train_metrics.reset()
         iters = p.steps_per_epoch * p.update_freq  # a partial accumulation group at the end is dropped
-        avgs, batch_t, reader_t = {}, Average(), Average()
-        seen, skipped, start = 0, 0, time.time()
-        tic = time.time()
+        avgs, batch_t, reader_t, seen, skipped = {}, Average(), Average(), 0, 0
+        start = tic = time.time()
         for it, (images, labels, n_skipped) in enumerate(iterate(p.train_loader), 1):
             if it > iters:
                 break
@@ -155,6 +155,8 @@ class Trainer:
             if it % self.print_every == 0 or it == iters:
                 self.log_step(epoch, it, iters, avgs, batch_t, reader_t, seen)
             tic = time.time()
+        if "loss" not in avgs:  # no rank took a step (they agree on skipping): all stop here
+            raise DataError(f"epoch {epoch}: no image of DataLoader.Train was readable (warnings above)")
         seconds = time.time() - start
         record = {"epoch": epoch, "train_loss": avgs["loss"].mean if "loss" in avgs else None,
                   "lr": self.current_lr(), "images_per_sec": seen / seconds if seconds else None,
@@ -239,9 +241,8 @@ class Trainer:
             p.ema.update(self.inner)
 
     def train_topk(self):
-        if self.p.train_metrics is None or self.p.batch_op is not None:
-            return {}
-        return self.p.train_metrics.accumulate()
+        metrics = self.p.train_metrics  # none with a batch op: mixed labels have no top-k
+        return metrics.accumulate() if metrics is not None and self.p.batch_op is None else {}
 
     def current_lr(self):
         return float(self.p.optimizer.get_lr())
