@@ -147,6 +147,16 @@ def test_kill_between_renames_is_completed_on_load(tmp_path):
     assert not list(tmp_path.glob("latest.*.tmp*"))
 
 
+def test_leftovers_of_a_killed_save_go_with_the_next_save(tmp_path):
+    prefix = tmp_path / "latest"
+    for suffix in (".pdparams", ".pdstates"):  # what a kill in the middle of writing leaves
+        Path(f"{prefix}{suffix}.tmp99999").write_bytes(b"\x80\x04partial")
+    (tmp_path / "other.pdparams.tmp99999").write_bytes(b"not ours")
+    ck.save_checkpoint(prefix, params(10, 1), {"m": 1}, {"epoch": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "latest.pdopt", "latest.pdparams", "latest.pdstates", "other.pdparams.tmp99999"]
+
+
 def test_mismatched_set_without_leftovers_is_refused_by_name(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     ck.save_checkpoint(one, params(1000, 1), {"m": 1}, {"epoch": 1})

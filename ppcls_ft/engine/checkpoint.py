@@ -69,6 +69,12 @@ def save_checkpoint(prefix, model_state, opt_state=None, states=None, ema_state=
             with named_os_errors(final, tmp):
                 os.replace(tmp, final)
         fsync_dir(folder)
+        # What an earlier save of this name left when killed is superseded now; without this a
+        # job preempted during saves would pile up model-sized files. (Two processes saving one
+        # name at once is what the output_dir lock rules out.)
+        for suffix in ORDER:
+            for stale in glob.glob(glob.escape(prefix + suffix) + ".tmp*"):
+                remove_quietly(stale)
     finally:
         for tmp, _ in pending:
             remove_quietly(tmp)

@@ -7,11 +7,11 @@ run from epoch N+1 on, and every rank of a multi-device run draws its own.
 A stop signal (SIGTERM, Ctrl-C) ends the run between two steps, abandoning the epoch in progress
 (``engine/run_guard.py``); ``latest`` keeps the last finished one.
 
-Several devices (``paddle.distributed.launch``): after each forward pass the ranks agree, in one
-small all-reduce, on the global loss, the image count and whether any rank saw a non-finite loss
-or a batch with no readable image; before it, on whether a stop signal arrived on any rank. A NaN on one rank therefore stops every rank with the same
-message, and an empty batch is skipped by all, instead of leaving the others waiting forever in
-the gradient all-reduce. Micro-steps of ``Global.update_freq`` skip that all-reduce (``no_sync``).
+Several devices (``paddle.distributed.launch``): before each forward pass the ranks agree on
+whether any has an empty batch or a stop signal; after it, in one small all-reduce, on the global
+loss, the image count and whether any rank saw a non-finite loss. So a NaN or SIGTERM on one rank
+stops every rank at the same step and an empty batch is skipped by all, instead of leaving the
+others waiting forever in the gradient all-reduce (which ``Global.update_freq`` micro-steps skip).
 """
 import contextlib
 import math
@@ -158,7 +158,7 @@ class Trainer:
         if "loss" not in avgs:  # no rank took a step (they agree on skipping): all stop here
             raise DataError(f"epoch {epoch}: no image of DataLoader.Train was readable (warnings above)")
         seconds = time.time() - start
-        record = {"epoch": epoch, "train_loss": avgs["loss"].mean if "loss" in avgs else None,
+        record = {"epoch": epoch, "train_loss": avgs["loss"].mean,
                   "lr": self.current_lr(), "images_per_sec": seen / seconds if seconds else None,
                   "seconds": round(seconds, 2), "skipped_images": skipped}
         record.update({f"train_{k}": v for k, v in self.train_topk().items()})
