@@ -10,6 +10,10 @@ from ._cpu import prepare_cpu_env
 
 # Paddle warns about a missing ccache on every import (it only matters when compiling custom ops).
 warnings.filterwarnings("ignore", message="No ccache found")
+# Paddle 3's BatchNorm warns on every training forward that it tracks running statistics, which
+# is what batch norm does; the notice otherwise becomes the first line of stderr of every run,
+# above the one line an error is reported in.
+warnings.filterwarnings("ignore", message="When training, we now always track global mean")
 
 # Must run before the first ``import paddle`` anywhere in the process (see _cpu.py).
 CPU_VENDOR = prepare_cpu_env()

@@ -20,6 +20,7 @@ import yaml
 
 from .errors import ConfigError
 from .registry import closest
+from .utils.atomic_io import write_text_atomic
 
 _NUM = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
 _NUMERIC = re.compile(rf"^\s*({_NUM})\s*(?:/\s*({_NUM})\s*)?$")
@@ -186,9 +187,7 @@ def save_config(cfg, output_dir, name="config.yaml"):
     """Write the resolved config next to the checkpoints so a run can be reproduced."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / name, "w", encoding="utf-8") as f:
-        yaml.safe_dump(cfg, f, sort_keys=False, allow_unicode=True)
-    return out / name
+    return write_text_atomic(out / name, yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
 
 
 def _resolve_aliases(cfg):

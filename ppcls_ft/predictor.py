@@ -71,7 +71,7 @@ def read_label_file(path, class_num, where):
     if not path.is_file():
         raise ConfigError(where, f"label file {str(path)!r} does not exist; fix the path or set it to null")
     names = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
         if not line.strip():
             continue
         head, _, name = line.strip().partition(" ")
@@ -212,7 +212,10 @@ class Predictor:
             except OSError as exc:
                 raise DataError(f"{name}: cannot read the image ({exc})") from None
         if isinstance(image, (bytes, bytearray)):
-            image = self._decode(bytes(image))
+            try:
+                image = self._decode(bytes(image))
+            except DataError as exc:  # corrupt, or above DecodeImage.max_pixels: say which file
+                raise DataError(f"{name or 'image bytes'}: {exc}") from None
             if image is None:
                 raise DataError(f"{name or 'image bytes'}: not a decodable image")
         elif not isinstance(image, np.ndarray):

@@ -25,7 +25,8 @@ def _accepts(annotation, value):
         return True
     origin = typing.get_origin(annotation)
     if origin is typing.Union or str(origin) == "types.UnionType":
-        return any(_accepts(a, value) for a in typing.get_args(annotation))
+        # None was accepted above; NoneType itself is no simple type and would accept anything
+        return any(_accepts(a, value) for a in typing.get_args(annotation) if a is not type(None))
     if origin in (list, tuple):
         return isinstance(value, (list, tuple))
     if origin is dict:

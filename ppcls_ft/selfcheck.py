@@ -87,7 +87,9 @@ def config(out, root, train_list, val_list, *, batch, epochs=2, random_aug=False
         cfg.setdefault(section, {}).update(values)
     path = Path(str(out) + ".yaml")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg))
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # ranks may write it at once
+    tmp.write_text(yaml.safe_dump(cfg))
+    os.replace(tmp, path)
     return path
 
 

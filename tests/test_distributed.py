@@ -131,7 +131,7 @@ def harness(runs):
                       bad, same], base / "logh")
     assert rc == 0, log
     return {name: [json.loads((out / f"{name}.rank{r}.json").read_text()) for r in (0, 1)]
-            for name in ("streams", "nan", "empty", "probe", "nosync", "bn")}, out
+            for name in ("streams", "nan", "empty", "probe", "nosync", "bn", "sigterm")}, out
 
 
 def test_each_rank_draws_its_own_random_streams_reproducibly(harness):
@@ -149,6 +149,17 @@ def test_nan_on_one_rank_stops_every_rank_with_the_message(harness):
     for rank in results["nan"]:
         assert rank["diverged_at"] and "on rank 1" in rank["diverged_at"], rank
         assert "epoch 1, iteration 4" in rank["diverged_at"] and rank["epochs"] == 0
+
+
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(harness):
+    """Rank 1 alone receives SIGTERM during step 3: both ranks stop before step 4 (a rank that
+    went on would wait forever in the gradient all-reduce), and rank 0 writes the results."""
+    results, out = harness
+    r0, r1 = results["sigterm"]
+    assert r1["stopped_by"] == "SIGTERM" and r0["stopped_by"] == "a stop signal on another rank"
+    # update_freq 2: iterations 1-2 are optimizer step 1, 3 a micro-step, 4 is never started
+    assert r0["steps"] == r1["steps"] == 1 and r0["epochs"] == r1["epochs"] == 0
+    assert json.loads((out / "sigterm" / "train_results.json").read_text())["stopped_by"] == r0["stopped_by"]
 
 
 def test_an_unreadable_batch_on_one_rank_is_skipped_by_all(harness):

@@ -10,7 +10,7 @@ import numpy as np
 import paddle
 import pytest
 
-from ppcls_ft.engine.checkpoint import load_checkpoint, save_checkpoint
+from ppcls_ft.engine.checkpoint import FILES_KEY, load_checkpoint, save_checkpoint
 from ppcls_ft.utils import portable_save
 from ppcls_ft.utils.safe_pickle import safe_load
 
@@ -93,6 +93,8 @@ def written(tmp_path):
     """``save_checkpoint`` files and, beside them, what ``paddle.save`` writes for the same parts."""
     model, opt, states, ema = checkpoint_parts()
     ours = save_checkpoint(tmp_path / "ours" / "latest", model, opt, states, ema)
+    # save_checkpoint adds the size and CRC-32 of the files saved with the .pdstates
+    states = {**states, FILES_KEY: safe_load(ours[-1])[FILES_KEY]}
     theirs = []
     for path, part in zip(ours, (model, opt, ema, states)):  # save_checkpoint's ORDER
         theirs.append(str(tmp_path / "paddle" / Path(path).name))

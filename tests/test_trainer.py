@@ -324,6 +324,9 @@ def test_optimizer_state_that_does_not_fit_is_an_error_or_said(tmp_path, tiny_da
     key = next(k for k in opt if k.endswith("_velocity_0"))
     opt["renamed_velocity_0"] = opt.pop(key)
     paddle.save(opt, f"{src}.pdopt")  # ours, damaged: strict
+    states = unwrap_tensors(safe_load(f"{src}.pdstates"))
+    states.pop("files")  # as if written without the files record, so the .pdopt itself is read
+    paddle.save(states, f"{src}.pdstates")
     with pytest.raises(WeightsError, match=rf"missing \['{key}'\].*unexpected \['renamed_velocity_0'\]"):
         train(make_cfg(tmp_path, tiny_dataset, name="bad", epochs=2,
                        overrides=[f"Global.checkpoints={src}"]))

@@ -69,6 +69,21 @@ class _ImageDataset(paddle.io.Dataset):
         return img, np.int64(label)
 
 
+def _read_lines(list_path):
+    """The lines of a list file: UTF-8, with or without the BOM Windows editors put first
+    (``utf-8-sig``), LF or CRLF endings (text mode folds them). Other encodings (GBK lists from
+    Chinese Windows) are refused by line, rather than read as wrong paths."""
+    with open(list_path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as exc:
+        lineno = raw[:exc.start].count(b"\n") + 1
+        raise DataError(f"{list_path}:{lineno}: not UTF-8 text (byte {raw[exc.start]:#04x} at "
+                        f"offset {exc.start}); re-save the list as UTF-8, e.g. "
+                        f"iconv -f GBK -t UTF-8 {os.path.basename(list_path)}") from None
+
+
 def _parse_label(text):
     text = text.strip()
     try:
@@ -113,21 +128,20 @@ class ImageNetDataset(_ImageDataset):
                             "dataset.image_root to the folder the list paths are relative to")
         name = os.path.basename(list_path)
         entries, problems = [], []
-        with open(list_path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                line = line.strip()
-                if not line:
-                    continue
-                rel, sep, label_text = line.rpartition(self.delimiter)
-                label = _parse_label(label_text) if sep else None
-                if not sep or not rel.strip():
-                    problems.append((lineno, f"expected 'relative/path{self.delimiter}label', got "
-                                             f"{line!r} (paths with spaces need another delimiter)"))
-                elif label is None or label < 0:
-                    problems.append((lineno, f"label {label_text.strip()!r} is not a "
-                                             "non-negative integer"))
-                else:
-                    entries.append((lineno, os.path.join(self.image_root, rel.strip()), label))
+        for lineno, line in enumerate(_read_lines(list_path), start=1):
+            line = line.strip()
+            if not line:
+                continue
+            rel, sep, label_text = line.rpartition(self.delimiter)
+            label = _parse_label(label_text) if sep else None
+            if not sep or not rel.strip():
+                problems.append((lineno, f"expected 'relative/path{self.delimiter}label', got "
+                                         f"{line!r} (paths with spaces need another delimiter)"))
+            elif label is None or label < 0:
+                problems.append((lineno, f"label {label_text.strip()!r} is not a "
+                                         "non-negative integer"))
+            else:
+                entries.append((lineno, os.path.join(self.image_root, rel.strip()), label))
         if relabel:
             mapping = {old: new for new, old in enumerate(sorted({e[2] for e in entries}))}
             entries = [(n, p, mapping[lab]) for n, p, lab in entries]

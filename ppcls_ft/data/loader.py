@@ -17,6 +17,7 @@ multi-device eval counts every image exactly once (``samplers.EvalShardSampler``
 """
 import inspect
 import random
+import signal
 
 import numpy as np
 import paddle
@@ -105,6 +106,12 @@ class _WorkerInit:
         self.epoch = 0
 
     def __call__(self, worker_id):
+        # Stop signals are the main process's to handle (engine/run_guard.py). A scheduler signals
+        # the whole process group, and a worker killed by SIGTERM makes Paddle's SIGCHLD handler
+        # raise in the main process, anywhere in a step. Workers still end: the loader shuts them
+        # down, and Paddle's parent watchdog ends them if the main process dies.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         seed_globals(derive(self.seed, self.rank, self.epoch, WORKER, worker_id + 1))
 
 
@@ -207,3 +214,20 @@ def set_epoch(loader, epoch: int):
         init.epoch = int(epoch)
         if loader.num_workers == 0:  # no workers: seed this process for the epoch
             seed_globals(derive(init.seed, init.rank, init.epoch, WORKER, 0))
+
+
+def iterate(loader):
+    """The batches of ``loader``, whose worker processes are shut down however the loop ends.
+
+    A Paddle loader iterator left before its end (a ``break``, an exception, a stop signal) is
+    never freed: its prefetch thread refers to it, so its workers live until interpreter exit,
+    where multiprocessing then waits for them. Closing this generator (which the loop does on
+    leaving it) runs the shutdown Paddle's own ``__del__`` would have run.
+    """
+    batches = iter(loader)
+    try:
+        yield from batches
+    finally:
+        shutdown = getattr(batches, "_try_shutdown_all", None)  # absent without workers
+        if shutdown is not None:
+            shutdown()

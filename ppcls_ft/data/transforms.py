@@ -84,27 +84,65 @@ def _pair(size, what):
     return size
 
 
+# 178,956,970 pixels: the size at which Pillow itself refuses an image (2 x Image.MAX_IMAGE_PIXELS,
+# "could be decompression bomb DOS attack"); 512 MiB as RGB. Every camera up to 108 MP passes
+# (12032 x 9024 = 108.6 M); a 30000 x 30000 bomb (900 M, 2.7 GB decoded) does not. cv2.imdecode
+# alone would decode anything below 2**30 pixels.
+DEFAULT_MAX_PIXELS = 178_956_970
+
+
+def header_pixels(data):
+    """``(pixels, "W x H")`` from the header of encoded bytes, without decoding the pixels;
+    ``(None, None)`` when Pillow does not know the format (cv2 may still decode it)."""
+    import io
+    import re
+    import warnings
+
+    from PIL import UnidentifiedImageError
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                return im.size[0] * im.size[1], f"{im.size[0]} x {im.size[1]}"
+        except Image.DecompressionBombError as exc:  # Pillow checks its own limit before it tells
+            found = re.search(r"\((\d+) pixels\)", str(exc))  # "Image size (N pixels) exceeds"
+            return (int(found.group(1)) if found else float("inf")), None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            return None, None
+
+
 @TRANSFORMS.register
 class DecodeImage:
     """Encoded bytes -> HWC uint8 (cv2 decodes BGR; ``to_rgb`` flips to RGB).
 
-    YAML: ``- DecodeImage: {to_rgb: True, channel_first: False, backend: cv2}``. A numpy array
-    passes through unchanged (it is taken to be decoded RGB already), so ``Compose`` also accepts
-    arrays. ``backend: pil`` decodes with Pillow (``convert("RGB")``, as PaddleClas does): the
-    pixels can differ from cv2's by the JPEG decoder's rounding. ``to_np`` is accepted for
-    PaddleClas configs; only ``True`` exists here (every op works on numpy arrays).
+    YAML: ``- DecodeImage: {to_rgb: True, channel_first: False, backend: cv2,
+    max_pixels: 178956970}``. A numpy array passes through unchanged (it is taken to be decoded
+    RGB already), so ``Compose`` also accepts arrays. ``backend: pil`` decodes with Pillow
+    (``convert("RGB")``, as PaddleClas does): the pixels can differ from cv2's by the JPEG
+    decoder's rounding. ``to_np`` is accepted for PaddleClas configs; only ``True`` exists here
+    (every op works on numpy arrays).
+
+    ``max_pixels`` (ppcls_ft; PaddleClas has no limit) refuses an image whose header declares more
+    pixels (width x height), before decoding it: a "decompression bomb" such as a 30000 x 30000
+    PNG of one colour is a few hundred KB on disk and 2.7 GB decoded. A refused training or
+    evaluation image is skipped with a warning naming it, like a corrupt one; ``infer`` and
+    ``deploy`` stop with that message. ``null`` removes the limit.
     """
 
     def __init__(self, to_rgb: bool = True, channel_first: bool = False, backend: str = "cv2",
-                 to_np: bool = True):
+                 to_np: bool = True, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS):
         if str(backend).lower() not in ("cv2", "pil"):
             raise ValueError(f"backend must be 'cv2' or 'pil', got {backend!r}")
         if to_np is not True:
             raise ValueError("to_np: False (PaddleClas hands a PIL image to the next op) is not "
                              "supported: ppcls_ft ops work on numpy arrays; remove the key")
+        if max_pixels is not None and max_pixels <= 0:
+            raise ValueError(f"max_pixels must be a positive pixel count or null (no limit), got "
+                             f"{max_pixels}")
         self.to_rgb = to_rgb
         self.channel_first = channel_first
         self.backend = str(backend).lower()
+        self.max_pixels = max_pixels
 
     def _decode_pil(self, img):
         import io
@@ -122,6 +160,7 @@ class DecodeImage:
         if not isinstance(img, (bytes, bytearray, memoryview)) or len(img) == 0:
             got = "empty bytes" if isinstance(img, bytes) else type(img).__name__
             raise DataError(f"DecodeImage expects non-empty encoded image bytes, got {got}")
+        self._check_size(img)
         if self.backend == "pil":
             out = self._decode_pil(img)
         else:
@@ -134,6 +173,16 @@ class DecodeImage:
         if self.channel_first:
             out = out.transpose((2, 0, 1))
         return np.ascontiguousarray(out)
+
+    def _check_size(self, data):
+        if self.max_pixels is None:
+            return
+        pixels, dims = header_pixels(bytes(data))
+        if pixels is not None and pixels > self.max_pixels:
+            size = f"{dims} = {pixels:,} pixels" if dims else f"{pixels:,} pixels"
+            raise DataError(f"image of {size} is above DecodeImage.max_pixels {self.max_pixels:,} "
+                            "(a decompression bomb, or a scan to downscale first); not decoded. "
+                            "Resize it, or raise max_pixels in the DecodeImage entry of transform_ops")
 
 
 @TRANSFORMS.register

@@ -4,9 +4,13 @@
 them when EMA is on), ``.pdopt`` the optimizer state including the LR schedule, ``.pdstates`` the
 loop state (epoch, global step, best metric, history, config), ``.pdema`` the EMA weights if used.
 
-Each file is written to a temporary name in the same folder and renamed over the final name, so a
-kill during a save leaves either the previous complete file or the new one, never a truncated one.
-``.pdstates`` is renamed last: it is what marks a checkpoint as complete for resume.
+A save is two phases. First every file is written to a temporary name in the same folder and
+fsynced; a failure there (disk full, file too large, read-only folder) removes the temporary files
+and leaves every final file as it was. Then the temporary files are renamed over the final names,
+``.pdstates`` last. A rename needs no space, so only a kill can stop that phase; to keep the set
+consistent even then, ``.pdstates`` records the size and CRC-32 of each sibling it was saved with
+(``files``), and reading a checkpoint whose files do not match completes the interrupted save from
+the temporary files a kill leaves behind, or refuses it by name. Errors name the final file.
 
 ``.pdstates`` layout (format 2): ``{format, train_state (engine.train_state.TrainState),
 lr_scheduler, batch_op, scaler, config, steps_per_epoch, metric, epoch}``; ``metric``/``epoch`` repeat the best top-1
@@ -14,7 +18,9 @@ and the epoch under the names PaddleClas's own ``.pdstates`` uses, so its tools 
 ``load_checkpoint`` also reads format 1 (ppcls_ft 0.1) and PaddleClas's layout (``.pdopt`` a list
 of optimizer state dicts, ``.pdstates`` only ``{metric, epoch}``).
 """
+import glob
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +28,7 @@ import paddle
 
 from ..errors import WeightsError
 from ..utils import portable_save
+from ..utils.atomic_io import fsync_dir, fsync_file, named_os_errors, remove_quietly
 from ..utils.safe_pickle import load_pdparams, safe_load, unwrap_tensors
 
 ORDER = (".pdparams", ".pdopt", ".pdema", ".pdstates")
@@ -37,33 +44,87 @@ def strip_suffix(prefix):
 
 
 def save_checkpoint(prefix, model_state, opt_state=None, states=None, ema_state=None):
-    """Write ``prefix.{pdparams,pdopt,pdema,pdstates}`` atomically; returns the written paths."""
+    """Write ``prefix.{pdparams,pdopt,pdema,pdstates}`` as one set; returns the written paths."""
     prefix = strip_suffix(prefix)
-    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(prefix).parent
+    folder.mkdir(parents=True, exist_ok=True)  # a failure names the folder already
     parts = {".pdparams": model_state, ".pdopt": opt_state, ".pdema": ema_state, ".pdstates": states}
-    written = []
-    tmp_paths = []
+    pending, record = [], {}
     try:
-        for suffix in ORDER:
-            if parts[suffix] is None:
+        for suffix in ORDER:  # phase 1: complete temporary files; no final name is touched
+            obj = parts[suffix]
+            if obj is None:
                 continue
-            tmp = f"{prefix}{suffix}.tmp{os.getpid()}"
-            tmp_paths.append((tmp, prefix + suffix))
-            portable_save.save(parts[suffix], tmp)  # paddle.save's format, numpy 1 readable
-            _fsync(tmp)
-        for tmp, final in tmp_paths:
-            os.replace(tmp, final)
-            written.append(final)
+            final = prefix + suffix
+            tmp = f"{final}.tmp{os.getpid()}"
+            pending.append((tmp, final))
+            if suffix == ".pdstates" and isinstance(obj, dict):
+                obj = {**obj, FILES_KEY: dict(record)}
+            with named_os_errors(final, tmp):
+                portable_save.save(obj, tmp)  # paddle.save's format, numpy 1 readable
+                record[suffix] = _seal(tmp)
+        for tmp, final in pending:  # phase 2: renames, .pdstates last
+            with named_os_errors(final, tmp):
+                os.replace(tmp, final)
+        fsync_dir(folder)
+        # What an earlier save of this name left when killed is superseded now; without this a
+        # job preempted during saves would pile up model-sized files. (Two processes saving one
+        # name at once is what the output_dir lock rules out.)
+        for suffix in ORDER:
+            for stale in glob.glob(glob.escape(prefix + suffix) + ".tmp*"):
+                remove_quietly(stale)
     finally:
-        for tmp, _ in tmp_paths:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    return written
+        for tmp, _ in pending:
+            remove_quietly(tmp)
+    return [final for _, final in pending]
 
 
-def _fsync(path):
+FILES_KEY = "files"  # in .pdstates: {suffix: [size, crc32]} of the files saved with it
+
+
+def _seal(path):
+    """fsync ``path`` and return ``[size, crc32]`` of what is on disk."""
+    fsync_file(path)
+    return _digest(path)
+
+
+def _digest(path):
+    crc, size = 0, 0
     with open(path, "rb") as f:
-        os.fsync(f.fileno())
+        while chunk := f.read(1 << 22):  # 4 MiB reads: CRC-32 runs at memory speed, ~1 GB/s
+            crc, size = zlib.crc32(chunk, crc), size + len(chunk)
+    return [size, crc]
+
+
+def _mismatched(prefix, record):
+    """Suffixes whose file is missing or differs from ``record``."""
+    return [s for s, want in record.items()
+            if not os.path.isfile(prefix + s) or _digest(prefix + s) != list(want)]
+
+
+def _complete_interrupted_save(prefix):
+    """Finish a save killed between its renames: a kill runs no cleanup, so its temporary
+    files remain; a ``.pdstates.tmp*`` whose record matches, file by file, either the final file
+    or the temporary one of the same save is renamed into place with them. True if done."""
+    for states_tmp in sorted(glob.glob(glob.escape(prefix) + ".pdstates.tmp*")):
+        tag = states_tmp[len(prefix + ".pdstates"):]
+        try:
+            record = dict(safe_load(states_tmp).get(FILES_KEY) or {})
+        except Exception:  # noqa: BLE001 - a temporary file cut short by the kill: not this one
+            continue
+        moves = []
+        for suffix, want in record.items():
+            tmp = prefix + suffix + tag
+            if os.path.isfile(tmp) and _digest(tmp) == list(want):
+                moves.append((tmp, prefix + suffix))
+            elif not (os.path.isfile(prefix + suffix) and _digest(prefix + suffix) == list(want)):
+                break
+        else:
+            for src, dst in moves + [(states_tmp, prefix + ".pdstates")]:
+                os.replace(src, dst)
+            fsync_dir(os.path.dirname(prefix) or ".")
+            return True
+    return False
 
 
 FORMAT = 2
@@ -160,11 +221,21 @@ def load_checkpoint(prefix):
     if not os.path.isfile(prefix + ".pdparams"):
         raise WeightsError(f"Global.checkpoints: no checkpoint at {prefix!r} "
                            f"({prefix}.pdparams does not exist); point it at e.g. output/latest")
+    states_path = prefix + ".pdstates"
+    record = _files_record(states_path)
+    if record and _mismatched(prefix, record) and _complete_interrupted_save(prefix):
+        record = _files_record(states_path)
+    bad = _mismatched(prefix, record) if record else []
+    if bad:
+        raise WeightsError(f"Global.checkpoints: {', '.join(prefix + s for s in bad)} missing or "
+                           f"not the file(s) saved with {states_path} (cut short by a copy, "
+                           "replaced, or a save killed between its renames); resume from another "
+                           "checkpoint of this run, e.g. the newest epoch_N")
     parts = {}
     for suffix in ORDER:
         path = prefix + suffix
-        if not os.path.isfile(path):
-            parts[suffix[3:]] = None
+        if not os.path.isfile(path) or (record and suffix not in record and suffix != ".pdstates"):
+            parts[suffix[3:]] = None  # absent, or left over from an earlier save of this name
         elif suffix in (".pdparams", ".pdema"):
             parts[suffix[3:]] = load_pdparams(path)
         else:
@@ -172,4 +243,14 @@ def load_checkpoint(prefix):
     if parts["opt"] is None or parts["states"] is None:
         raise WeightsError(f"Global.checkpoints: {prefix} has weights but no .pdopt/.pdstates; to only "
                            f"load weights use Global.pretrained_model={prefix}")
+    if isinstance(parts["states"], dict):
+        parts["states"].pop(FILES_KEY, None)
     return {"params": parts["params"], "opt": parts["opt"], "ema": parts["ema"], "states": parts["states"]}
+
+
+def _files_record(states_path):
+    """The ``files`` record of a ``.pdstates`` (None for PaddleClas's and older ones)."""
+    if not os.path.isfile(states_path):
+        return None
+    st = safe_load(states_path)
+    return dict(st[FILES_KEY]) if isinstance(st, dict) and isinstance(st.get(FILES_KEY), dict) else None

@@ -7,8 +7,10 @@ takes part and the result equals a one-process evaluation of the same weights.
 import numpy as np
 import paddle
 
+from ..data.loader import iterate
 from ..utils import distributed as dist
 from .amp import AmpPolicy
+from .run_guard import check_stop
 
 
 class Average:
@@ -58,8 +60,11 @@ def evaluate(parts, model, stats=None):
     keys = _loss_keys(parts.eval_loss, model.class_num) if parts.eval_loss is not None else []
     sums, count, skipped = [0.0] * len(keys), 0, 0
     indices = _batch_indices(parts.eval_loader)
+    single = dist.world_size() == 1
     with paddle.no_grad():
-        for images, labels, n_skipped in parts.eval_loader:
+        for images, labels, n_skipped in iterate(parts.eval_loader):
+            if single:  # ranks would have to agree to stop; on one device, stop at once
+                check_stop("evaluation")
             batch_indices = next(indices)
             skipped += int(np.asarray(n_skipped).sum())
             n = int(images.shape[0])

@@ -26,6 +26,7 @@ import yaml
 from ..data.dataset import class_folders
 from ..errors import ConfigError
 from ..predictor import INFER_YML, MODEL_FORMATS, read_label_file
+from ..utils.atomic_io import write_text_atomic
 
 # Files a previous export may have left; removed first so a directory never holds two graphs.
 _EXPORT_FILES = ("inference.json", "inference.pdmodel", "inference.pdiparams",
@@ -148,8 +149,7 @@ def export_dygraph(model, save_dir, image_shape, preprocess_ops, label_names=Non
 
 
 def _write_info(save_dir, info):
-    with open(save_dir / INFER_YML, "w", encoding="utf-8") as f:
-        yaml.safe_dump(info, f, sort_keys=False, allow_unicode=True)
+    write_text_atomic(save_dir / INFER_YML, yaml.safe_dump(info, sort_keys=False, allow_unicode=True))
 
 
 def export_inference_model(cfg, save_dir=None, allow_random=False):

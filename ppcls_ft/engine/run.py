@@ -5,13 +5,15 @@ import numpy as np
 import paddle
 
 from ..data.transforms import build_transforms
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..predictor import format_result, list_images, read_label_file, topk_results
+from ..utils import distributed as dist
 from ..utils.logger import format_values, get_logger
 from .builder import build_eval_parts, build_model_for, build_train_parts, class_num_of
 from .analysis import ClassStats, format_per_class, write_eval_results
 from .evaluate import evaluate
 from .report import class_results
+from .run_guard import run_guard
 from .trainer import Trainer
 
 def train(cfg):
@@ -19,10 +21,11 @@ def train(cfg):
     # A fresh name scope: optimizer state (.pdopt) is keyed by generated names such as
     # conv2d_3.w_0_velocity_0, so a run must produce the same names whether it is the first in its
     # process or not; otherwise a resumed optimizer cannot find its state.
-    with paddle.utils.unique_name.guard():
+    out = Path(cfg["Global"].get("output_dir", "./output")).resolve()
+    # The output folder is locked and stop signals are caught before anything is written there.
+    with run_guard(out, rank=dist.rank()), paddle.utils.unique_name.guard():
         parts = build_train_parts(cfg)
         result = Trainer(parts).fit()
-    out = Path(cfg["Global"].get("output_dir", "./output")).resolve()
     parts.logger.info(f"results: {out}/train_results.json, checkpoints: {out}/best_model.pdparams, "
                       f"{out}/latest.pdparams, log: {out}/train.log")
     return result
@@ -30,8 +33,7 @@ def train(cfg):
 
 def evaluate_config(cfg):
     """Evaluate ``Global.pretrained_model`` on ``DataLoader.Eval``; returns the metrics."""
-    if not (cfg["Global"].get("pretrained_model") or cfg["Arch"].get("pretrained")):
-        raise ConfigError("Global.pretrained_model", "is required to evaluate (the weights to test)")
+    _require_weights(cfg, "evaluate (the weights to test)")
     parts = build_eval_parts(cfg)
     stats = ClassStats(parts.model.class_num)
     result = evaluate(parts, parts.model, stats)
@@ -47,11 +49,24 @@ def evaluate_config(cfg):
                      "confusion_matrix": per_class["confusion_matrix"]}
 
 
+def _require_weights(cfg, to_do):
+    if not (cfg["Global"].get("pretrained_model") or cfg["Arch"].get("pretrained")):
+        raise ConfigError("Global.pretrained_model", f"is required to {to_do}")
+
+
+def _load_image(transform, path):
+    try:
+        return transform.to_chw(path.read_bytes())
+    except DataError as exc:  # corrupt, or above DecodeImage.max_pixels: say which file
+        raise DataError(f"{path}: {exc}") from None
+
+
 def infer(cfg):
     """Top-k with label names for ``Infer.infer_imgs`` (an image or a folder); prints and returns."""
     infer_cfg = cfg.get("Infer") or {}
     if "transforms" not in infer_cfg:
         raise ConfigError("Infer.transforms", "is required (the eval preprocessing list)")
+    _require_weights(cfg, "predict (without it the classifier is random)")
     logger = get_logger(None)
     model = build_model_for(cfg, logger, for_training=False)
     model.eval()
@@ -67,7 +82,7 @@ def infer(cfg):
     results = []
     for i in range(0, len(files), batch):
         chunk = files[i:i + batch]
-        arrays = [transform.to_chw(f.read_bytes()) for f in chunk]
+        arrays = [_load_image(transform, f) for f in chunk]
         with paddle.no_grad():
             probs = paddle.nn.functional.softmax(model(paddle.to_tensor(np.stack(arrays)))).numpy()
         for res in topk_results(probs, topk, names, [str(f) for f in chunk]):

@@ -54,9 +54,10 @@ def check_compatible(saved_cfg, cfg, where):
     if not saved_cfg:
         return
     old, new = saved_cfg.get("Arch") or {}, cfg.get("Arch") or {}
+    prefix = where.partition("=")[2] or where  # "Global.checkpoints=out/latest" -> out/latest
     for key in _IDENTITY_KEYS:
         if key in old and old.get(key) != new.get(key):
             raise WeightsError(
                 f"{where} was trained with Arch.{key}={old.get(key)!r} but this config has "
                 f"Arch.{key}={new.get(key)!r}; resume with the same Arch, or start a new run with "
-                f"Global.pretrained_model={where} and another Global.output_dir")
+                f"Global.pretrained_model={prefix} and another Global.output_dir")

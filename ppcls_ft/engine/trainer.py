@@ -4,14 +4,16 @@ Determinism: every random draw derives from one seed tree (``utils.seeding``: se
 epoch -> stream). A run resumed from ``epoch_N`` replays exactly the draws of the uninterrupted
 run from epoch N+1 on, and every rank of a multi-device run draws its own.
 
-Several devices (``paddle.distributed.launch``): after each forward pass the ranks agree, in one
-small all-reduce, on the global loss, the image count and whether any rank saw a non-finite loss
-or a batch with no readable image. A NaN on one rank therefore stops every rank with the same
-message, and an empty batch is skipped by all, instead of leaving the others waiting forever in
-the gradient all-reduce. Micro-steps of ``Global.update_freq`` skip that all-reduce (``no_sync``).
+A stop signal (SIGTERM, Ctrl-C) ends the run between two steps, abandoning the epoch in progress
+(``engine/run_guard.py``); ``latest`` keeps the last finished one.
+
+Several devices (``paddle.distributed.launch``): before each forward pass the ranks agree on
+whether any has an empty batch or a stop signal; after it, in one small all-reduce, on the global
+loss, the image count and whether any rank saw a non-finite loss. So a NaN or SIGTERM on one rank
+stops every rank at the same step and an empty batch is skipped by all, instead of leaving the
+others waiting forever in the gradient all-reduce (which ``Global.update_freq`` micro-steps skip).
 """
 import contextlib
-import json
 import math
 import os
 import time
@@ -19,15 +21,18 @@ import time
 import numpy as np
 import paddle
 
-from ..data.loader import set_epoch
+from ..data.loader import iterate, set_epoch
+from ..errors import DataError
 from ..utils import distributed as dist
 from ..utils.logger import format_eta, format_values
 from ..utils.seeding import BATCH_OP, SeedTree
+from .analysis import ClassStats, format_per_class
 from .checkpoint import build_states, float32_state, save_checkpoint
 from .diagnosis import diagnose, early_stop, format_diagnosis
-from .analysis import ClassStats, format_per_class
 from .evaluate import Average, evaluate
 from .report import class_results, write_run_report
+from .results import resume_hint, write_results
+from .run_guard import RunStopped, stop_requested
 from .strategies import unwrap
 from .resume import restore, resume_source
 from .train_state import TrainState
@@ -37,26 +42,11 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; the run stopped before the bad step touched the weights."""
 
 
-def _bit(rank):
-    """Rank r's flag in a float64 sum: 2**r names each rank exactly up to 50 ranks; beyond,
-    every rank adds 1 and the message counts them instead."""
-    return 2.0 ** rank if dist.world_size() <= 50 else 1.0
-
-
-def _ranks(mask):
-    """Ranks set in a bit mask summed over ranks (rank r contributes ``_bit(r)``)."""
-    if dist.world_size() > 50:
-        return [f"{int(mask)} of {dist.world_size()}"] if mask else []
-    mask = int(round(mask))
-    return [r for r in range(mask.bit_length()) if mask >> r & 1]
-
-
 class Trainer:
     def __init__(self, parts):
         self.p = parts
         self.cfg = parts.cfg
-        glob = self.cfg.get("Global") or {}
-        self.glob = glob
+        self.glob = glob = self.cfg.get("Global") or {}
         self.log = parts.logger
         self.epochs = int(glob.get("epochs", 1))
         self.output_dir = str(glob.get("output_dir", "./output"))
@@ -98,7 +88,7 @@ class Trainer:
         strategy = self.p.strategy
         if strategy.active or strategy.freeze_bn_stats:
             self.log.info(f"fine-tuning strategy: {strategy.describe()}")
-        diverged_at = stopped = None
+        diverged_at = stopped = stopped_by = None
         try:
             for epoch in range(self.state.epoch + 1, self.epochs + 1):
                 record = self.train_epoch(epoch)
@@ -114,15 +104,18 @@ class Trainer:
         except TrainingDiverged as exc:
             diverged_at = str(exc)
             self.log.error(f"training stopped: {exc}. Nothing was saved after the last good epoch.")
+        except RunStopped as exc:
+            stopped_by = exc.signal
+            self.log.error(f"training {exc}; {resume_hint(self.output_dir, self.state, self.epochs)}")
         verdict = diagnose(self.state.history, diverged_at, stopped)
-        self.write_results(verdict, diverged_at, stopped)
+        self.write_results(verdict, diverged_at, stopped, stopped_by)
         self.log.info(format_diagnosis(verdict))
         if self.p.writer is not None:
             self.p.writer.close()
         st = self.state
         return {"history": st.history, "best_top1": st.best_top1, "best_epoch": st.best_epoch,
                 "diagnosis": verdict, "diverged_at": diverged_at, "stopped_early": stopped,
-                "eval_results": self._best_results}
+                "stopped_by": stopped_by, "eval_results": self._best_results}
 
     def reseed(self, epoch):
         tree, rank = SeedTree(self.state.seed), self.rank
@@ -156,10 +149,9 @@ class Trainer:
         if p.train_metrics is not None:
             p.train_metrics.reset()
         iters = p.steps_per_epoch * p.update_freq  # a partial accumulation group at the end is dropped
-        avgs, batch_t, reader_t = {}, Average(), Average()
-        seen, skipped, start = 0, 0, time.time()
-        tic = time.time()
-        for it, (images, labels, n_skipped) in enumerate(p.train_loader, 1):
+        avgs, batch_t, reader_t, seen, skipped = {}, Average(), Average(), 0, 0
+        start = tic = time.time()
+        for it, (images, labels, n_skipped) in enumerate(iterate(p.train_loader), 1):
             if it > iters:
                 break
             skipped += int(np.asarray(n_skipped).sum())
@@ -172,6 +164,8 @@ class Trainer:
             if it % self.print_every == 0 or it == iters:
                 self.log_step(epoch, it, iters, avgs, batch_t, reader_t, seen)
             tic = time.time()
+        if "loss" not in avgs:  # no rank took a step (they agree on skipping): all stop here
+            raise DataError(f"epoch {epoch}: no image of DataLoader.Train was readable (warnings above)")
         seconds = time.time() - start
         skipped = int(dist.all_sum([skipped])[0])  # every rank's, not rank 0's alone
         record = {"epoch": epoch, "train_loss": avgs["loss"].mean if "loss" in avgs else None,
@@ -196,7 +190,10 @@ class Trainer:
         where = f"epoch {epoch}, iteration {it}, optimizer step {self.state.global_step + 1}"
         # Agree on skipping *before* the forward pass: a DataParallel forward arms the gradient
         # all-reduce of the next backward, so a rank must not run one that others skip.
-        empty = _ranks(dist.all_sum([0.0 if n else _bit(self.rank)])[0])
+        agreed = dist.all_sum([0.0 if n else dist.bit(self.rank), 1.0 if stop_requested() else 0.0])
+        if agreed[1]:  # a stop signal on any rank: every rank ends here, before this step
+            raise RunStopped(stop_requested() or "a stop signal on another rank", where)
+        empty = dist.ranks_in_mask(agreed[0])
         if empty:
             if dist.world_size() > 1:
                 self.log.warning(f"{where}: rank {', '.join(map(str, empty))} had no readable image "
@@ -236,9 +233,9 @@ class Trainer:
         keys = self._loss_keys
         values = [float(losses[k]) for k in keys]
         bad = not all(math.isfinite(v) for v in values)
-        local = [n, _bit(self.rank) if bad else 0.0] + [0.0 if bad else v * n for v in values]
+        local = [n, dist.bit(self.rank) if bad else 0.0] + [0.0 if bad else v * n for v in values]
         total = dist.all_sum(local)
-        nonfinite = _ranks(total[1])
+        nonfinite = dist.ranks_in_mask(total[1])
         if nonfinite:
             on = f" on rank {', '.join(map(str, nonfinite))}" if dist.world_size() > 1 else ""
             shown = values[keys.index("loss")] if bad else "nan"
@@ -267,9 +264,8 @@ class Trainer:
             p.ema.update(self.inner)
 
     def train_topk(self):
-        if self.p.train_metrics is None or self.p.batch_op is not None:
-            return {}
-        return self.p.train_metrics.accumulate()
+        metrics = self.p.train_metrics  # none with a batch op: mixed labels have no top-k
+        return metrics.accumulate() if metrics is not None and self.p.batch_op is None else {}
 
     def current_lr(self):
         return float(self.p.optimizer.get_lr())
@@ -352,20 +348,13 @@ class Trainer:
             self.save(f"epoch_{epoch}")
         self.write_results(None, None)
 
-    def write_results(self, verdict, diverged_at, stopped=None):
+    def write_results(self, verdict, diverged_at, stopped=None, stopped_by=None):
         """``train_results.json``; at the end (``verdict`` given) also the per-class results of
         the best epoch seen in this process and ``report.html``."""
         if self.rank != 0:
             return
-        os.makedirs(self.output_dir, exist_ok=True)
         st = self.state
-        data = {"epochs": st.history, "best_epoch": st.best_epoch,
-                "best_top1": st.best_top1 if st.best_known else None,
-                "diverged_at": diverged_at, "stopped_early": stopped, "diagnosis": verdict}
-        path = os.path.join(self.output_dir, "train_results.json")
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-        os.replace(path + ".tmp", path)
+        write_results(self.output_dir, st, verdict, diverged_at, stopped_by, stopped)
         if verdict is None:
             return
         chosen = self._best_stats or self._last_stats

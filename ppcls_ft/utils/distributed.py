@@ -49,6 +49,20 @@ def all_sum(values):
     return t.numpy().tolist()
 
 
+def bit(rank):
+    """Rank r's flag in a float64 ``all_sum``: 2**r names each rank exactly up to 50 ranks;
+    beyond, every rank adds 1 and ``ranks_in_mask`` counts them instead."""
+    return 2.0 ** rank if world_size() <= 50 else 1.0
+
+
+def ranks_in_mask(mask):
+    """Ranks set in a mask summed over ranks by ``all_sum`` (rank r contributes ``bit(r)``)."""
+    if world_size() > 50:
+        return [f"{int(mask)} of {world_size()}"] if mask else []
+    mask = int(round(mask))
+    return [r for r in range(mask.bit_length()) if mask >> r & 1]
+
+
 def average_(tensors):
     """Average float tensors across ranks in place (batch-norm running statistics)."""
     if world_size() < 2:

@@ -30,6 +30,19 @@ class _StdoutHandler(logging.StreamHandler):
         pass
 
 
+class _LogFileHandler(logging.FileHandler):
+    """``train.log``. A failed write (disk full, file too large) is reported once, in one line on
+    the console, and the log goes on there; logging's default prints a traceback per record."""
+
+    _reported = False
+
+    def handleError(self, record):
+        if not self._reported:
+            self._reported = True
+            print(f"warning: cannot write the log file {self.baseFilename}: {sys.exc_info()[1]}; "
+                  "logging continues on the console only", file=sys.stdout, flush=True)
+
+
 def get_logger(output_dir=None, rank=0, filename="train.log"):
     """The ``ppcls_ft`` logger: INFO to stdout on rank 0 and to ``output_dir/filename``."""
     logger = logging.getLogger(LOGGER_NAME)
@@ -46,7 +59,7 @@ def get_logger(output_dir=None, rank=0, filename="train.log"):
         h.close()
     if output_dir is not None and rank == 0:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(Path(output_dir) / filename, mode="a", encoding="utf-8")
+        fh = _LogFileHandler(Path(output_dir) / filename, mode="a", encoding="utf-8")
         fh.setFormatter(fmt)
         logger.addHandler(fh)
     return logger

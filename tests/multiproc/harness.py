@@ -3,6 +3,8 @@ a hand on one rank. Each rank writes ``OUT/<scenario>.rank<r>.json``; tests/test
 reads them. Usage: harness.py OUT_DIR DATA_ROOT TRAIN_LIST VAL_LIST BAD_TRAIN_LIST SAME_LIST
 (SAME_LIST: one image on every line, so both ranks load the same picture at each position)."""
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -126,8 +128,35 @@ def no_sync():
             "steps": trainer.state.global_step}
 
 
+class SigtermAt:
+    """The train loss; at its ``k``-th call this rank sends itself SIGTERM, as a scheduler
+    preempting one process would."""
+
+    def __init__(self, loss, k):
+        self.loss, self.k, self.calls = loss, k, 0
+
+    def __call__(self, logits, target):
+        self.calls += 1
+        if self.calls == self.k:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler only records it
+        return self.loss(logits, target)
+
+
+def sigterm_on_rank1():
+    from ppcls_ft.engine.run_guard import run_guard
+    parts = parts_for("sigterm", FineTune={"freeze_backbone_epochs": 0})
+    trainer = Trainer(parts)
+    if pdist.get_rank() == 1:
+        parts.train_loss = SigtermAt(parts.train_loss, 3)
+    with run_guard(OUT / "sigterm", rank=pdist.get_rank()):
+        result = trainer.fit()
+    return {"stopped_by": result["stopped_by"], "epochs": len(result["history"]),
+            "steps": trainer.state.global_step}
+
+
 SCENARIOS = {"streams": streams, "nan": nan_on_rank1, "empty": empty_batch_on_rank1,
-             "probe": linear_probe, "nosync": no_sync, "bn": bn_statistics}
+             "probe": linear_probe, "nosync": no_sync, "bn": bn_statistics,
+             "sigterm": sigterm_on_rank1}
 
 if __name__ == "__main__":
     for name, fn in SCENARIOS.items():
