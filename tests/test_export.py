@@ -271,7 +271,8 @@ def test_deploy_script_runs_from_another_directory(shared, mobilenet_export, tmp
 
 
 def test_deploy_config_rejects_typos_and_reads_overrides(tmp_path):
-    from ppcls_ft.predictor import list_images, load_deploy_config
+    from ppcls_ft.data.dataset import list_images
+    from ppcls_ft.predictor import load_deploy_config
 
     path = REPO / "deploy" / "configs" / "inference_cls.yaml"
     cfg = load_deploy_config(path, ["Global.inference_model_dir=/models/x", "Global.batch_size=4"])

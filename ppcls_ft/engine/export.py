@@ -7,29 +7,24 @@ predicted (the top PaddleClas complaint is that it does not):
   ``FLAGS_enable_pir_api=0`` writes ``inference.pdmodel`` instead and the Predictor reads both);
   the graph is the model followed by a softmax, input ``x`` of shape ``[None] + image_shape``,
   as in PaddleClas;
-- ``inference.yml``: model name, class_num, image_shape, the eval preprocessing op list (built at
-  serving time by the same ``build_transforms`` train and eval use), top-k and label names, and
-  the ppcls_ft and paddle versions. Layout follows PaddleClas/PaddleX
-  (``Global`` / ``PreProcess.transform_ops`` / ``PostProcess.Topk``).
+- ``inference.yml``: model name, class_num, image_shape, the eval preprocessing op list, top-k and
+  label names, and the ppcls_ft and paddle versions; its schema and its readers belong to
+  ``ppcls_ft/inference_format.py`` (this module only fills an ``InferenceSpec``).
 
 Weights are loaded strictly: PaddleClas's export "loads" any file (Paddle's ``set_state_dict`` skips
 missing keys with a warning) and ships random weights.
 """
-import copy
 import os
 from pathlib import Path
 
 import numpy as np
 import paddle
-import yaml
 
 from ..data.dataset import class_folders
 from ..errors import ConfigError
-from ..predictor import INFER_YML, MODEL_FORMATS, read_label_file
+from ..inference_format import (EXPORT_FILES, MODEL_FORMATS, InferenceSpec, complete_preprocess,
+                                read_label_file, write_spec)
 
-# Files a previous export may have left; removed first so a directory never holds two graphs.
-_EXPORT_FILES = ("inference.json", "inference.pdmodel", "inference.pdiparams",
-                 "inference.pdiparams.info", "inference.onnx", INFER_YML)
 _ONNX_HINT = "pip install paddle2onnx onnxruntime"
 
 
@@ -42,17 +37,6 @@ class SoftmaxClassifier(paddle.nn.Layer):
 
     def forward(self, x):
         return paddle.nn.functional.softmax(self.model(x), axis=-1)
-
-
-def complete_preprocess(ops):
-    """Deploy op list: ``DecodeImage`` first and ``ToCHWImage`` last, so the file is explicit."""
-    ops = [copy.deepcopy(op) if isinstance(op, dict) else {op: None} for op in ops]
-    names = [next(iter(op)) for op in ops]
-    if "DecodeImage" not in names:
-        ops.insert(0, {"DecodeImage": {"to_rgb": True, "channel_first": False}})
-    if "ToCHWImage" not in names:
-        ops.append({"ToCHWImage": None})
-    return ops
 
 
 def eval_preprocess_ops(cfg):
@@ -114,7 +98,7 @@ def export_dygraph(model, save_dir, image_shape, preprocess_ops, label_names=Non
         _require_onnx_tools()
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
-    for name in _EXPORT_FILES:
+    for name in EXPORT_FILES:
         (save_dir / name).unlink(missing_ok=True)
 
     was_training = model.training
@@ -130,26 +114,19 @@ def export_dygraph(model, save_dir, image_shape, preprocess_ops, label_names=Non
             model.train()
 
     model_file, params_file = _written_model_file(save_dir)
-    info = {
-        "Global": {"model_name": model_name or type(model).__name__, "class_num": class_num,
-                   "image_shape": image_shape, "input_name": "x", "output": "softmax probabilities",
-                   "model_file": model_file.name, "params_file": params_file.name,
-                   "ppcls_ft_version": _ppcls_ft_version(), "paddle_version": paddle.__version__},
-        "PreProcess": {"transform_ops": complete_preprocess(preprocess_ops)},
-        "PostProcess": {"Topk": {"topk": int(topk),
-                                 "label_list": list(label_names) if label_names is not None else None}},
-    }
-    _write_info(save_dir, info)
+    spec = InferenceSpec(transform_ops=complete_preprocess(preprocess_ops),
+                         model_name=model_name or type(model).__name__, class_num=class_num,
+                         image_shape=image_shape, input_name="x", model_file=model_file.name,
+                         params_file=params_file.name, topk=int(topk),
+                         label_list=list(label_names) if label_names is not None else None,
+                         extra={"ppcls_ft_version": _ppcls_ft_version(),
+                                "paddle_version": paddle.__version__})
+    write_spec(save_dir, spec)
     if export_onnx:
-        info["Global"]["onnx_file"] = "inference.onnx"
-        info["Global"]["onnx_max_abs_diff"] = export_onnx_model(save_dir, image_shape)
-        _write_info(save_dir, info)
+        spec.extra["onnx_file"] = "inference.onnx"
+        spec.extra["onnx_max_abs_diff"] = export_onnx_model(save_dir, image_shape)
+        write_spec(save_dir, spec)
     return save_dir
-
-
-def _write_info(save_dir, info):
-    with open(save_dir / INFER_YML, "w", encoding="utf-8") as f:
-        yaml.safe_dump(info, f, sort_keys=False, allow_unicode=True)
 
 
 def export_inference_model(cfg, save_dir=None, allow_random=False):
@@ -232,7 +209,7 @@ def export_onnx_model(save_dir, image_shape, opset_version=11, atol=1e-4):
     x = np.random.default_rng(0).standard_normal([2] + list(image_shape)).astype(np.float32)
     session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     onnx_probs = session.run(None, {session.get_inputs()[0].name: x})[0]
-    paddle_probs = Predictor(save_dir, enable_mkldnn=False).predict_arrays(x)
+    paddle_probs = Predictor(save_dir, enable_mkldnn=False).run_graph(x)
     diff = float(np.abs(onnx_probs - paddle_probs).max())
     if diff > atol:
         raise RuntimeError(f"{onnx_file}: onnxruntime differs from paddle-inference by {diff:.2e} "
