@@ -139,7 +139,11 @@ def main(argv=None):
     ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "serve_load.md"))
     args = ap.parse_args(argv)
 
+    import logging
+
     from ppcls_ft.utils.device import available_cores
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
 
     images, image_note = sample_images(64)
     with tempfile.TemporaryDirectory() as tmp:

@@ -50,8 +50,11 @@ LOADER_SCHEMA = {"num_workers": (int,), "use_shared_memory": (bool,)}
 TOPK_SCHEMA = {"name": (str,), "topk": (int,), "class_id_map_file": (str, None)}
 INFER_SCHEMA = {"infer_imgs": (str, list), "batch_size": (int,), "transforms": (list,),
                 "PostProcess": (dict, None)}
+# tools/export_model.py beyond PaddleClas (docs/deploy.md §1): the certificate, calibration, reject.
+EXPORT_SCHEMA = {"calibrate": (bool,), "ece_bins": (int,), "reject_threshold": (float, int, None),
+                 "certify_samples": (int, None), "certify_atol": NUMBER}
 SECTIONS = ("Global", "Arch", "Loss", "Optimizer", "DataLoader", "Infer", "Metric", "AMP", "EMA",
-            "FineTune")
+            "FineTune", "Export")
 REQUIRED_SECTIONS = ("Global", "Arch")
 # Arch keys consumed by models.build_model itself rather than the constructor.
 ARCH_BUILDER_KEYS = ("name", "pretrained", "use_ssld", "pretrained_variant", "load_strict",
@@ -277,6 +280,10 @@ def validate_config(cfg):
     check_schema(cfg.get("AMP"), AMP_SCHEMA, "AMP")
     check_schema(cfg.get("EMA"), EMA_SCHEMA, "EMA")
     check_schema(cfg.get("FineTune"), FINETUNE_SCHEMA, "FineTune")
+    check_schema(cfg.get("Export"), EXPORT_SCHEMA, "Export")
+    reject = (cfg.get("Export") or {}).get("reject_threshold")
+    if reject is not None and not 0 <= reject <= 1:
+        raise ConfigError("Export.reject_threshold", f"must be a probability in [0, 1] (or null), got {reject}")
     shape = cfg["Global"].get("image_shape")
     if shape is not None and (len(shape) != 3 or not all(isinstance(v, int) and v > 0 for v in shape)):
         raise ConfigError("Global.image_shape", f"must be [channels, height, width], got {shape!r}")

@@ -163,7 +163,8 @@ DEPLOY_SCHEMA = {
                "cpu_num_threads": (int, None), "use_tensorrt": (bool,), "use_fp16": (bool,),
                "gpu_mem": (int,), "save_path": (str, None)},
     "PreProcess": {"transform_ops": (list,)},
-    "PostProcess": {"name": (str,), "topk": (int,), "class_id_map_file": (str, None)},
+    "PostProcess": {"name": (str,), "topk": (int,), "class_id_map_file": (str, None),
+                    "reject_threshold": (float, int, None)},
 }
 
 
@@ -196,6 +197,7 @@ def predictor_from_config(cfg):
                      precision="fp16" if glob.get("use_fp16") else "fp32",
                      gpu_mem=glob.get("gpu_mem", 500), gpu_id=glob.get("gpu_id", 0),
                      batch_size=glob.get("batch_size", 1), topk=post.get("topk"),
+                     reject_threshold=post.get("reject_threshold"),
                      preprocess_ops=(cfg.get("PreProcess") or {}).get("transform_ops"),
                      label_names=labels)
 

@@ -64,14 +64,17 @@ class Batcher:
     ``submit(chw)`` returns a ``Future`` of that image's output row. The worker takes the first
     waiting image, then whatever arrives within ``max_wait_ms`` up to ``max_batch``, and runs
     each group of equal shapes in one call (op lists without a crop give images of several sizes).
+    It waits only while ``coming()`` (images being decoded, about to be submitted) is above zero:
+    a lone request is not delayed for company that is not on its way.
     """
 
-    def __init__(self, run_batch, max_batch=8, max_wait_ms=5.0):
+    def __init__(self, run_batch, max_batch=8, max_wait_ms=5.0, coming=lambda: 1):
         if int(max_batch) < 1:
             raise ConfigError("--max_batch", f"must be >= 1, got {max_batch}")
         if float(max_wait_ms) < 0:
             raise ConfigError("--max_wait_ms", f"must be >= 0, got {max_wait_ms}")
         self.run_batch = run_batch
+        self.coming = coming
         self.max_batch = int(max_batch)
         self.max_wait = float(max_wait_ms) / 1000.0
         self.stats = {"batches": 0, "images": 0, "largest_batch": 0}
@@ -107,9 +110,14 @@ class Batcher:
         while len(items) < self.max_batch:
             remaining = deadline - time.monotonic()
             try:
-                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                item = self._queue.get_nowait()
             except queue.Empty:
-                break
+                if remaining <= 0 or self.coming() <= 0:
+                    break
+                try:  # 1 ms steps, so a wait ends as soon as nothing more is coming
+                    item = self._queue.get(timeout=min(remaining, 0.001))
+                except queue.Empty:
+                    continue
             if item is _STOP:
                 return items, True
             items.append(item)
@@ -205,8 +213,13 @@ class ClassifierService:
     def __init__(self, predictor, limits=None, max_batch=8, max_wait_ms=5.0):
         self.predictor = predictor
         self.limits = limits or Limits()
-        self.batcher = Batcher(predictor.run_graph, max_batch, max_wait_ms)
+        self._coming, self._lock = 0, threading.Lock()
+        self.batcher = Batcher(predictor.run_graph, max_batch, max_wait_ms, lambda: self._coming)
         self.class_num = predictor.spec.class_num
+
+    def _count_coming(self, n):
+        with self._lock:
+            self._coming += n
 
     def preprocess(self, data, name):
         check_image(data, self.limits, name)
@@ -226,8 +239,13 @@ class ClassifierService:
         if len(images) > self.limits.max_images:
             raise ServiceError(413, f"{len(images)} images is more than the limit of "
                                     f"{self.limits.max_images} per request (--max_images); split the request")
-        arrays = [await run_in_threadpool(self.preprocess, data, name) for name, data, _ in images]
-        rows = await asyncio.gather(*(asyncio.wrap_future(self.batcher.submit(a)) for a in arrays))
+        self._count_coming(len(images))
+        try:
+            arrays = [await run_in_threadpool(self.preprocess, data, name) for name, data, _ in images]
+            futures = [asyncio.wrap_future(self.batcher.submit(a)) for a in arrays]
+        finally:
+            self._count_coming(-len(images))
+        rows = await asyncio.gather(*futures)
         return self.predictor.postprocess(np.stack(rows), [f for _, _, f in images], topk=topk)
 
     def model_info(self):

@@ -130,6 +130,7 @@ def test_health_and_model_describe_the_service(client):
     assert [next(iter(op)) for op in info["preprocessing"]] == ["DecodeImage", "ResizeImage",
                                                                 "CropImage", "NormalizeImage", "ToCHWImage"]
     assert info["limits"] == {"max_bytes": 60_000, "max_pixels": 250_000, "max_images": 4}
+    assert info["certificate"]["passed"] is True and info["certificate"]["samples"] == 4
 
 
 def test_multipart_files_answer_like_the_predictor(client, reference):
@@ -311,3 +312,13 @@ def test_serve_script_starts_answers_and_stops(model_dir, reference, tmp_path):
                           str(tmp_path / "missing")], capture_output=True, text=True, timeout=120, env=env)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("error: Global.inference_model_dir")
+
+
+def test_a_lone_request_does_not_wait_for_company():
+    b = Batcher(lambda x: x, max_batch=8, max_wait_ms=2000, coming=lambda: 0).start()
+    try:
+        t0 = time.perf_counter()
+        b.submit(np.ones(2, np.float32)).result(timeout=10)
+        assert time.perf_counter() - t0 < 1.0  # not the 2 s max_wait: nothing else was coming
+    finally:
+        b.stop()
