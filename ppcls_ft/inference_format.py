@@ -9,9 +9,10 @@ complaint is that predictions differ after export, shared/guide/PADDLECLAS_COMPA
 ``inference.yml`` layout (schema_version 2; the PaddleClas/PaddleX sections come first and are
 unchanged, so those tools still read the file):
 
-    Global:      schema_version, model_name, class_num, image_shape, input_name, output,
-                 model_file, params_file, ppcls_ft_version, paddle_version [, onnx_file, ...]
-    PreProcess:  transform_ops: the eval op list, DecodeImage first and ToCHWImage last
+    Global:      schema_version, model_name (PaddleX's spelling), arch (PaddleClas's), class_num,
+                 image_shape, input_name, output, model_file, params_file, ppcls_ft_version,
+                 paddle_version [, onnx_file, ...]
+    PreProcess:  transform_ops: the eval op list, ToCHWImage last, DecodeImage only if not default
     PostProcess: Topk: {topk, label_list}
     Calibration: temperature and its fit record, or absent (= temperature 1)
     Reject:      {threshold, class_id, label_name}, or absent (= never reject)
@@ -87,16 +88,32 @@ def _op_name(op):
 
 
 def complete_preprocess(ops):
-    """Deploy op list: ``DecodeImage`` first and ``ToCHWImage`` last, so the file is explicit."""
+    """The op list as written to ``inference.yml``: ``ToCHWImage`` last, and ``DecodeImage`` only
+    when it differs from the default (cv2, RGB, HWC), which every reader applies to a list without
+    one. PaddleX decodes images itself and refuses a ``DecodeImage`` entry, so leaving the default
+    out is what lets PaddleX load the directory."""
     import copy
 
     ops = [copy.deepcopy(op) if isinstance(op, dict) else {op: None} for op in ops]
-    names = [_op_name(op) for op in ops]
-    if "DecodeImage" not in names:
-        ops.insert(0, copy.deepcopy(DEFAULT_DECODE))
-    if "ToCHWImage" not in names:
+    default = DEFAULT_DECODE["DecodeImage"]
+    ops = [op for op in ops if not (_op_name(op) == "DecodeImage"
+                                    and {**default, **(op["DecodeImage"] or {})} == default)]
+    if "ToCHWImage" not in [_op_name(op) for op in ops]:
         ops.append({"ToCHWImage": None})
     return ops
+
+
+def paddlex_model_name(arch):
+    """PaddleX's name for a PaddleClas architecture: PaddleX loads a directory only when
+    ``Global.model_name`` is one of its names (``create_model(model_name=..., model_dir=...)``
+    refuses a mismatch). Its spellings differ from PaddleClas's in two ways for our families."""
+    if arch is None:
+        return None
+    if arch == "MobileNetV2":
+        return "MobileNetV2_x1_0"
+    if arch.startswith("PPLCNet"):
+        return "PP-LCNet" + arch[len("PPLCNet"):]
+    return arch
 
 
 # ------------------------------------------------------------------------------ inference.yml
@@ -107,7 +124,7 @@ class InferenceSpec:
     """What ``inference.yml`` says about an exported model (see the module docstring)."""
 
     transform_ops: list
-    model_name: str = None
+    model_name: str = None        # the Arch name (PaddleClas spelling); written in PaddleX's as well
     class_num: int = None
     image_shape: list = None
     input_name: str = "x"
@@ -122,8 +139,8 @@ class InferenceSpec:
     schema_version: int = SCHEMA_VERSION
 
     def to_yaml_dict(self):
-        glob = {"schema_version": SCHEMA_VERSION, "model_name": self.model_name,
-                "class_num": self.class_num, "image_shape": self.image_shape,
+        glob = {"schema_version": SCHEMA_VERSION, "model_name": paddlex_model_name(self.model_name),
+                "arch": self.model_name, "class_num": self.class_num, "image_shape": self.image_shape,
                 "input_name": self.input_name, "output": "softmax probabilities",
                 "model_file": self.model_file, "params_file": self.params_file, **self.extra}
         data = {"Global": glob,
@@ -157,10 +174,10 @@ class InferenceSpec:
         if not temperature > 0:
             raise ConfigError(f"{where}: Calibration.temperature", f"must be > 0, got {temperature}")
         reject = (data.get("Reject") or {}).get("threshold")
-        known = ("model_name", "class_num", "image_shape", "input_name", "output", "model_file",
-                 "params_file")
+        known = ("model_name", "arch", "class_num", "image_shape", "input_name", "output",
+                 "model_file", "params_file")
         return cls(transform_ops=(data.get("PreProcess") or {}).get("transform_ops"),
-                   model_name=glob.get("model_name"), class_num=glob.get("class_num"),
+                   model_name=glob.get("arch", glob.get("model_name")), class_num=glob.get("class_num"),
                    image_shape=glob.get("image_shape"), input_name=glob.get("input_name", "x"),
                    model_file=glob.get("model_file"), params_file=glob.get("params_file"),
                    topk=int(topk.get("topk") or DEFAULT_TOPK), label_list=topk.get("label_list"),

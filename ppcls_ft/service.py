@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .errors import ConfigError, DataError
-from .inference_format import CERTIFICATE_FILE, UNKNOWN_ID
+from .inference_format import CERTIFICATE_FILE, UNKNOWN_ID, paddlex_model_name
 
 SERVE_HINT = "pip install -e .[serve]  (fastapi, uvicorn, python-multipart)"
 
@@ -250,7 +250,8 @@ class ClassifierService:
 
     def model_info(self):
         spec, post = self.predictor.spec, self.predictor.postprocess
-        info = {"model_name": spec.model_name, "class_num": spec.class_num,
+        info = {"model_name": spec.model_name, "paddlex_model_name": paddlex_model_name(spec.model_name),
+                "class_num": spec.class_num,
                 "label_names": post.label_names, "image_shape": spec.image_shape,
                 "preprocessing": self.predictor.preprocess.ops, "topk": post.topk,
                 "temperature": post.temperature, "calibration": spec.calibration,

@@ -98,12 +98,13 @@ def test_inference_yml_describes_the_model(lcnet_export):
     _, out = lcnet_export
     info = yaml.safe_load((out / "inference.yml").read_text())
     glob = info["Global"]
-    assert (glob["model_name"], glob["class_num"], glob["image_shape"]) == ("PPLCNet_x0_25", 3, SHAPE)
+    assert (glob["arch"], glob["class_num"], glob["image_shape"]) == ("PPLCNet_x0_25", 3, SHAPE)
+    assert glob["model_name"] == "PP-LCNet_x0_25" and glob["schema_version"] == 2  # PaddleX's name
     assert glob["paddle_version"] == paddle.__version__ and glob["ppcls_ft_version"]
     assert (out / glob["model_file"]).is_file() and (out / glob["params_file"]).is_file()
     ops = info["PreProcess"]["transform_ops"]
-    assert [next(iter(op)) for op in ops] == ["DecodeImage", "ResizeImage", "CropImage",
-                                              "NormalizeImage", "ToCHWImage"]
+    # The default DecodeImage is left out: PaddleX refuses one, and every reader applies it.
+    assert [next(iter(op)) for op in ops] == ["ResizeImage", "CropImage", "NormalizeImage", "ToCHWImage"]
     assert info["PostProcess"]["Topk"] == {"topk": 2, "label_list": LABELS}
 
 

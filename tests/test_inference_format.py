@@ -5,8 +5,8 @@ import yaml
 
 from ppcls_ft.errors import ConfigError, DataError
 from ppcls_ft.inference_format import (INFER_YML, SCHEMA_VERSION, InferenceSpec, Postprocessor,
-                                       Preprocessor, apply_temperature, read_spec, topk_results,
-                                       write_spec)
+                                       Preprocessor, apply_temperature, complete_preprocess,
+                                       paddlex_model_name, read_spec, topk_results, write_spec)
 
 OPS = [{"DecodeImage": {"to_rgb": True, "channel_first": False}}, {"ResizeImage": {"size": 8}},
        {"NormalizeImage": {"scale": 1 / 255, "mean": [0.5] * 3, "std": [0.5] * 3, "order": ""}},
@@ -102,3 +102,12 @@ def test_preprocessor_takes_bytes_and_arrays_alike(tmp_path):
         pre(b"not an image")
     with pytest.raises(DataError, match="cannot read"):
         pre(str(tmp_path / "missing.jpg"))
+
+
+def test_written_op_list_and_model_name_are_the_ones_paddlex_loads():
+    names = lambda ops: [next(iter(op)) for op in ops]  # noqa: E731
+    assert names(complete_preprocess(OPS)) == ["ResizeImage", "NormalizeImage", "ToCHWImage"]
+    bgr = [{"DecodeImage": {"to_rgb": False}}] + OPS[1:3]
+    assert names(complete_preprocess(bgr)) == ["DecodeImage", "ResizeImage", "NormalizeImage", "ToCHWImage"]
+    assert [paddlex_model_name(a) for a in ("PPLCNet_x0_25", "MobileNetV2", "MobileNetV2_x0_5", "ResNet50_vd")] \
+        == ["PP-LCNet_x0_25", "MobileNetV2_x1_0", "MobileNetV2_x0_5", "ResNet50_vd"]
