@@ -156,6 +156,10 @@ def main(argv=None):
         server = start_server(model_dir, port, args)
         try:
             url = f"http://127.0.0.1:{port}"
+            import httpx
+            info = httpx.get(url + "/model").json()
+            model_note = (f"{info['model_name']} at {info['image_shape'][-1]} px "
+                          f"(engine oneDNN, {model_note})")
             load(url, images, 1, 1.0)  # warm-up
             rows = []
             for n in args.clients:
@@ -163,7 +167,6 @@ def main(argv=None):
                 rows.append((n, r))
                 print(f"{n} clients: {r['requests']} requests, p50 {r['p50']:.1f} ms, "
                       f"p99 {r['p99']:.1f} ms, {r['ips']:.1f} images/s", flush=True)
-            import httpx
             stats = httpx.get(url + "/health").json()
         finally:
             server.terminate()

@@ -20,6 +20,9 @@ from .inference_format import (INFER_YML, InferenceSpec, Postprocessor, Preproce
                                find_model_files, format_result, read_label_file, read_spec)
 
 PRECISIONS = ("fp32", "fp16")
+# CPU engines of paddle-inference. oneDNN is the default: docs/benchmarks/inference_speed.md
+# measured Paddle's bundled OpenVINO (Config.enable_openvino_engine) no faster and equally exact.
+CPU_ENGINES = ("onednn", "native", "openvino")
 # Paddle 3.3.1 CPU: with oneDNN on, this pass folds Swin's window_partition reshape (after a
 # transpose) into the wrong shape, and create_predictor fails with "The input's second dimension
 # and weight's first dimension is expected to be the same ... input's second dimension is 37632"
@@ -38,7 +41,8 @@ class Predictor:
 
     def __init__(self, model_dir, *, device="cpu", enable_mkldnn=True, cpu_threads=None,
                  use_tensorrt=False, precision="fp32", gpu_mem=500, gpu_id=0, batch_size=8,
-                 topk=None, preprocess_ops=None, label_names=None, reject_threshold=None):
+                 topk=None, preprocess_ops=None, label_names=None, reject_threshold=None,
+                 engine=None):
         self.model_dir = Path(model_dir)
         # No inference.yml: a PaddleClas export, served with the caller's preprocessing.
         spec = read_spec(self.model_dir) or InferenceSpec(transform_ops=None)
@@ -55,12 +59,16 @@ class Predictor:
         self.batch_size = int(batch_size)
         self.preprocess = Preprocessor(spec.transform_ops)
         self.postprocess = Postprocessor.from_spec(spec, topk, label_names, reject_threshold)
-        self.predictor = self._create(device, enable_mkldnn, cpu_threads, use_tensorrt, precision,
+        engine = engine or ("onednn" if enable_mkldnn else "native")
+        if engine not in CPU_ENGINES:
+            raise ConfigError("engine", f"must be one of {', '.join(CPU_ENGINES)}, got {engine!r}")
+        self.engine = engine
+        self.predictor = self._create(device, engine, cpu_threads, use_tensorrt, precision,
                                       gpu_mem, gpu_id)
         self.input_name = self.predictor.get_input_names()[0]
         self.output_name = self.predictor.get_output_names()[0]
 
-    def _create(self, device, enable_mkldnn, cpu_threads, use_tensorrt, precision, gpu_mem, gpu_id):
+    def _create(self, device, engine, cpu_threads, use_tensorrt, precision, gpu_mem, gpu_id):
         import paddle.inference as pi
 
         config = pi.Config(str(self.model_file), str(self.params_file))
@@ -70,7 +78,7 @@ class Predictor:
         if device.startswith("gpu"):
             self._configure_gpu(config, pi, use_tensorrt, precision, gpu_mem, gpu_id)
         elif device == "cpu":
-            self._configure_cpu(config, enable_mkldnn, cpu_threads)
+            self._configure_cpu(config, pi, engine, cpu_threads)
         else:
             raise ConfigError("Global.use_gpu", f"device must be 'cpu' or 'gpu', got {device!r}")
         config.switch_ir_optim(True)
@@ -81,18 +89,22 @@ class Predictor:
         return pi.create_predictor(config)
 
     @staticmethod
-    def _configure_cpu(config, enable_mkldnn, cpu_threads):
+    def _configure_cpu(config, pi, engine, cpu_threads):
         from .utils.device import available_cores
 
         config.disable_gpu()
-        if enable_mkldnn:
+        if engine == "native":
+            config.disable_mkldnn()
+        else:
+            if engine == "openvino":
+                # Paddle 3.3.1 turns oneDNN on with it (Config.summary() says enable_mkldnn: true)
+                # and still runs its oneDNN passes on a PIR program, so the Swin fix below applies.
+                config.enable_openvino_engine(pi.PrecisionType.Float32)
             config.enable_mkldnn()
             # oneDNN caches kernels per input shape; a bound keeps memory flat when batch sizes vary.
             config.set_mkldnn_cache_capacity(10)
             for name in ONEDNN_BROKEN_PASSES:
                 config.delete_pass(name)
-        else:
-            config.disable_mkldnn()
         # Paddle defaults to one math thread (PERFORMANCE.md §1); use every core we may run on.
         config.set_cpu_math_library_num_threads(int(cpu_threads or available_cores()))
 

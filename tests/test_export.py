@@ -308,3 +308,12 @@ def test_onnx_export_matches_paddle_inference(tmp_path):
     out = export_dygraph(model, tmp_path / "m", [3, 64, 64], ops, ["a", "b", "c"], model_name="ResNet18")
     assert export_onnx_model(out, [3, 64, 64]) < 1e-4
     assert (out / "inference.onnx").stat().st_size > 1000
+
+
+def test_openvino_engine_serves_the_same_probabilities(lcnet_export):
+    model, out = lcnet_export
+    batch = np.random.default_rng(5).standard_normal([2] + SHAPE).astype(np.float32)
+    served = Predictor(out, engine="openvino", cpu_threads=1).run_graph(batch)
+    np.testing.assert_allclose(served, dygraph_probs(model, batch), atol=1e-4)
+    with pytest.raises(ConfigError, match="engine: must be one of onednn, native, openvino"):
+        Predictor(out, engine="tensorrt")
