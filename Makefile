@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine with Python 3.10+ and pip:
 #   make demo   install, build the embedded demo dataset, fine-tune, evaluate, export, predict
-#   make test   install test dependencies and run the suite
+#   make test   install test dependencies (with the [serve] extra: its tests must run) and run the suite
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -14,7 +14,7 @@ NP1    := $(VENV)-numpy1
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[cpu,test]"
+	$(PY) -m pip install -q -e ".[cpu,test,serve]"
 	touch $(STAMP)
 
 install: $(STAMP)

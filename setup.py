@@ -25,6 +25,9 @@ setup(
         "cpu": ["paddlepaddle==3.3.1"],
         "gpu": ["paddlepaddle-gpu==3.3.1"],
         "onnx": ["paddle2onnx>=2.0", "onnxruntime>=1.16", "onnx_graphsurgeon>=0.3.27"],
-        "test": ["pytest>=7"],
+        # The HTTP service (deploy/serve.py): pip install -e .[serve]
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9"],
+        # httpx: the tests talk to a real server; make test installs .[cpu,test,serve]
+        "test": ["pytest>=7", "httpx>=0.27"],
     },
 )

@@ -1,4 +1,5 @@
-"""Inference speed on CPU: paddle-inference with oneDNN, without oneDNN, and dygraph eval.
+"""Inference speed on CPU: paddle-inference engines (oneDNN, no oneDNN, Paddle's bundled OpenVINO)
+and dygraph eval, with each engine's largest probability difference from dygraph.
 
 All three run in one process on one machine, side by side (absolute numbers differ between
 hosts: shared/guide/PERFORMANCE.md). Each model is built with random weights (speed does not
@@ -50,29 +51,49 @@ def time_fn(fn, batch, warmup, iters):
     return iters * len(batch) / (time.perf_counter() - start)
 
 
+def time_interleaved(fns, batch, warmup, iters, rounds=5):
+    """Median images/s per function over ``rounds`` rounds, each timing every function for
+    ``iters / rounds`` calls in turn: on a machine shared with other jobs, a burst of load then
+    slows every engine alike instead of whichever happened to be running."""
+    per_round = max(1, iters // rounds)
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn(batch)
+    rates = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            rates[k].append(time_fn(fn, batch, 0, per_round))
+    return {k: float(np.median(v)) for k, v in rates.items()}
+
+
+ENGINES = ("onednn", "native", "openvino")
+
+
 def bench_model(name, size, threads, warmup, iters, workdir):
-    """Rows ``(model, batch, onednn, no_onednn, dygraph)`` in images/s for one model."""
+    """Rows ``(model, batch, {engine: images/s}, {engine: max |p - p_dygraph|})`` for one model."""
     arch = ALIASES.get(name, name)
     model = build_model({"name": arch, "class_num": 1000})
     model.eval()
     out = export_dygraph(model, Path(workdir) / arch, [3, size, size], [{"ToCHWImage": None}],
                          model_name=arch)
     engines = {}
-    for key, mkldnn in (("onednn", True), ("no_onednn", False)):
-        # batch_size = the largest batch, so predict_arrays runs each batch in one call
-        pred = Predictor(out, enable_mkldnn=mkldnn, cpu_threads=threads, batch_size=max(BATCH_SIZES))
-        engines[key] = pred.predict_arrays
+    for key in ENGINES:
+        # batch_size = the largest batch, so run_graph runs each batch in one call
+        pred = Predictor(out, engine=key, cpu_threads=threads, batch_size=max(BATCH_SIZES))
+        engines[key] = pred.run_graph
 
     def dygraph(batch):
         with paddle.no_grad():
-            return model(paddle.to_tensor(batch)).numpy()
+            return paddle.nn.functional.softmax(model(paddle.to_tensor(batch)), axis=-1).numpy()
 
     engines["dygraph"] = dygraph
     rows = []
     for bs in BATCH_SIZES:
         batch = np.random.default_rng(0).standard_normal([bs, 3, size, size]).astype(np.float32)
-        speeds = {k: time_fn(fn, batch, warmup, iters) for k, fn in engines.items()}
-        rows.append((arch, bs, speeds["onednn"], speeds["no_onednn"], speeds["dygraph"]))
+        ref = dygraph(batch)
+        diffs = {k: float(np.abs(engines[k](batch) - ref).max()) for k in ENGINES}
+        speeds = time_interleaved(engines, batch, warmup, iters)
+        rows.append((arch, bs, speeds, diffs))
         print(f"{arch} bs{bs}: " + ", ".join(f"{k} {v:.1f}" for k, v in speeds.items()), flush=True)
     return rows
 
@@ -84,14 +105,19 @@ def markdown(rows, args, threads):
         f"--iters {args.iters}` on {time.strftime('%Y-%m-%d')}: {ppcls_ft.CPU_VENDOR} CPU "
         f"({platform.processor() or platform.machine()}, {cpu_simd()}), {threads} threads, "
         f"paddle {paddle.__version__}, input {args.image_size}x{args.image_size}, random weights, "
-        f"{args.warmup} warm-up + {args.iters} timed iterations, preprocessing excluded.", "",
+        f"{args.warmup} warm-up + {args.iters} timed iterations per engine in 5 interleaved rounds "
+        "(median of the rounds), preprocessing excluded.", "",
         *(["**Smoke run**: too few iterations for reliable numbers; rerun with the defaults.", ""]
           if args.iters < 10 else []),
-        "| model | batch | paddle-inference oneDNN | paddle-inference no oneDNN | dygraph eval "
-        "| oneDNN / dygraph |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "Max diff: the largest |probability - dygraph probability| of that engine on the timed batch "
+        "(exact = within the export certificate's 1e-4).", "",
+        "| model | batch | oneDNN | no oneDNN | OpenVINO (bundled) | dygraph eval | oneDNN / dygraph "
+        "| max diff oneDNN / native / OpenVINO |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-    body = [f"| {m} | {bs} | {a:.1f} | {b:.1f} | {c:.1f} | {a / c:.1f}x |" for m, bs, a, b, c in rows]
+    body = [f"| {m} | {bs} | {s['onednn']:.1f} | {s['native']:.1f} | {s['openvino']:.1f} | "
+            f"{s['dygraph']:.1f} | {s['onednn'] / s['dygraph']:.1f}x | "
+            f"{d['onednn']:.1e} / {d['native']:.1e} / {d['openvino']:.1e} |" for m, bs, s, d in rows]
     return "\n".join(head + body) + "\n"
 
 

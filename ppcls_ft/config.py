@@ -58,8 +58,11 @@ THRESH_SCHEMA = {"name": (str,), "threshold": NUMBER, "label_0": (str,), "label_
 POSTPROCESS_SCHEMAS = {"Topk": TOPK_SCHEMA, "ThreshOutput": THRESH_SCHEMA}
 INFER_SCHEMA = {"infer_imgs": (str, list), "batch_size": (int,), "transforms": (list,),
                 "PostProcess": (dict, None)}
+# tools/export_model.py beyond PaddleClas (docs/deploy.md §1): the certificate, calibration, reject.
+EXPORT_SCHEMA = {"calibrate": (bool,), "ece_bins": (int,), "reject_threshold": (float, int, None),
+                 "certify_samples": (int, None), "certify_atol": NUMBER}
 SECTIONS = ("Global", "Arch", "Loss", "Optimizer", "DataLoader", "Infer", "Metric", "AMP", "EMA",
-            "FineTune", "Slim")
+            "FineTune", "Slim", "Export")
 REQUIRED_SECTIONS = ("Global", "Arch")
 # Arch keys consumed by models.build_model itself rather than the constructor.
 # ``use_sync_bn`` is read by the engine (SyncBatchNorm conversion on multi-device runs).
@@ -371,6 +374,10 @@ def validate_config(cfg):
         warn_no_effect("Slim", NO_EFFECT["Slim"])
     if "image_channel" in cfg["Global"]:
         warn_no_effect("Global.image_channel", NO_EFFECT["Global.image_channel"])
+    check_schema(cfg.get("Export"), EXPORT_SCHEMA, "Export")
+    reject = (cfg.get("Export") or {}).get("reject_threshold")
+    if reject is not None and not 0 <= reject <= 1:
+        raise ConfigError("Export.reject_threshold", f"must be a probability in [0, 1] (or null), got {reject}")
     shape = cfg["Global"].get("image_shape")
     if shape is not None and (len(shape) != 3 or not all(isinstance(v, int) and v > 0 for v in shape)):
         raise ConfigError("Global.image_shape", f"must be [channels, height, width], got {shape!r}")

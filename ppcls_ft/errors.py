@@ -19,3 +19,8 @@ class WeightsError(RuntimeError):
 
 class DataError(ValueError):
     """A dataset list or image is wrong; the message names the file and line."""
+
+
+class ExportError(RuntimeError):
+    """An exported model does not predict what the model it came from predicts; the message
+    names the export certificate."""

@@ -98,12 +98,13 @@ def test_inference_yml_describes_the_model(lcnet_export):
     _, out = lcnet_export
     info = yaml.safe_load((out / "inference.yml").read_text())
     glob = info["Global"]
-    assert (glob["model_name"], glob["class_num"], glob["image_shape"]) == ("PPLCNet_x0_25", 3, SHAPE)
+    assert (glob["arch"], glob["class_num"], glob["image_shape"]) == ("PPLCNet_x0_25", 3, SHAPE)
+    assert glob["model_name"] == "PP-LCNet_x0_25" and glob["schema_version"] == 2  # PaddleX's name
     assert glob["paddle_version"] == paddle.__version__ and glob["ppcls_ft_version"]
     assert (out / glob["model_file"]).is_file() and (out / glob["params_file"]).is_file()
     ops = info["PreProcess"]["transform_ops"]
-    assert [next(iter(op)) for op in ops] == ["DecodeImage", "ResizeImage", "CropImage",
-                                              "NormalizeImage", "ToCHWImage"]
+    # The default DecodeImage is left out: PaddleX refuses one, and every reader applies it.
+    assert [next(iter(op)) for op in ops] == ["ResizeImage", "CropImage", "NormalizeImage", "ToCHWImage"]
     assert info["PostProcess"]["Topk"] == {"topk": 2, "label_list": LABELS}
 
 
@@ -271,7 +272,8 @@ def test_deploy_script_runs_from_another_directory(shared, mobilenet_export, tmp
 
 
 def test_deploy_config_rejects_typos_and_reads_overrides(tmp_path):
-    from ppcls_ft.predictor import list_images, load_deploy_config
+    from ppcls_ft.data.dataset import list_images
+    from ppcls_ft.predictor import load_deploy_config
 
     path = REPO / "deploy" / "configs" / "inference_cls.yaml"
     cfg = load_deploy_config(path, ["Global.inference_model_dir=/models/x", "Global.batch_size=4"])
@@ -307,3 +309,12 @@ def test_onnx_export_matches_paddle_inference(tmp_path):
     out = export_dygraph(model, tmp_path / "m", [3, 64, 64], ops, ["a", "b", "c"], model_name="ResNet18")
     assert export_onnx_model(out, [3, 64, 64]) < 1e-4
     assert (out / "inference.onnx").stat().st_size > 1000
+
+
+def test_openvino_engine_serves_the_same_probabilities(lcnet_export):
+    model, out = lcnet_export
+    batch = np.random.default_rng(5).standard_normal([2] + SHAPE).astype(np.float32)
+    served = Predictor(out, engine="openvino", cpu_threads=1).run_graph(batch)
+    np.testing.assert_allclose(served, dygraph_probs(model, batch), atol=1e-4)
+    with pytest.raises(ConfigError, match="engine: must be one of onednn, native, openvino"):
+        Predictor(out, engine="tensorrt")

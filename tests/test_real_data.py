@@ -147,9 +147,9 @@ def test_an_epoch_without_one_readable_image_stops_the_run(tmp_path):
 
 
 def test_infer_needs_weights_and_names_the_unreadable_file(tmp_path):
-    from ppcls_ft.data.transforms import build_transforms
-    from ppcls_ft.engine.run import _load_image, infer
+    from ppcls_ft.engine.run import infer
     from ppcls_ft.errors import ConfigError
+    from ppcls_ft.inference_format import Preprocessor
 
     image_root, lst = chinese_dataset(tmp_path)
     cfg_path = tmp_path / "cfg.yaml"
@@ -161,4 +161,4 @@ def test_infer_needs_weights_and_names_the_unreadable_file(tmp_path):
     with pytest.raises(ConfigError, match="Global.pretrained_model: is required to predict"):
         infer(load_config(cfg_path, [f"Infer.infer_imgs={bad}"]))
     with pytest.raises(DataError, match=rf"{bad}: cannot decode 4 bytes"):
-        _load_image(build_transforms([{"DecodeImage": None}]), bad)
+        Preprocessor([{"DecodeImage": None}])(bad)  # what infer and the Predictor decode with

@@ -246,6 +246,27 @@ def class_folders(image_root):
     return sorted(d for d in os.listdir(image_root) if os.path.isdir(os.path.join(image_root, d)))
 
 
+def list_images(infer_imgs, where="Global.infer_imgs"):
+    """A file, a directory (its images and those of its sub-folders, sorted) or a list -> paths."""
+    from pathlib import Path
+
+    from ..errors import ConfigError
+
+    items = infer_imgs if isinstance(infer_imgs, list) else [infer_imgs]
+    paths = []
+    for item in items:
+        p = Path(str(item))
+        if p.is_dir():
+            paths += sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in _IMAGE_EXTENSIONS)
+        elif p.is_file():
+            paths.append(str(p))
+        else:
+            raise ConfigError(where, f"{str(p)!r} is neither an image file nor a directory")
+    if not paths:
+        raise ConfigError(where, f"no images ({', '.join(_IMAGE_EXTENSIONS)}) found in {infer_imgs!r}")
+    return paths
+
+
 @DATASETS.register
 class ImageFolderDataset(_ImageDataset):
     """Folder per class: ``image_root/<class name>/**/<image>``; classes sorted by name.

@@ -5,10 +5,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import ConfigError, DataError, WeightsError
+from ..errors import ConfigError, DataError, ExportError, WeightsError
 
 # OSError covers a missing file and a folder or file that cannot be created or written.
-USER_ERRORS = (ConfigError, DataError, WeightsError, OSError)
+USER_ERRORS = (ConfigError, DataError, WeightsError, ExportError, OSError)
 EXIT_USER_ERROR = 2
 
 

@@ -7,30 +7,27 @@ predicted (the top PaddleClas complaint is that it does not):
   ``FLAGS_enable_pir_api=0`` writes ``inference.pdmodel`` instead and the Predictor reads both);
   the graph is the model followed by a softmax, input ``x`` of shape ``[None] + image_shape``,
   as in PaddleClas;
-- ``inference.yml``: model name, class_num, image_shape, the eval preprocessing op list (built at
-  serving time by the same ``build_transforms`` train and eval use), top-k and label names, and
-  the ppcls_ft and paddle versions. Layout follows PaddleClas/PaddleX
-  (``Global`` / ``PreProcess.transform_ops`` / ``PostProcess.Topk``).
+- ``inference.yml``: model name, class_num, image_shape, the eval preprocessing op list, top-k and
+  label names, and the ppcls_ft and paddle versions; its schema and its readers belong to
+  ``ppcls_ft/inference_format.py`` (this module only fills an ``InferenceSpec``).
 
 Weights are loaded strictly: PaddleClas's export "loads" any file (Paddle's ``set_state_dict`` skips
 missing keys with a warning) and ships random weights.
 """
-import copy
 import os
 from pathlib import Path
 
 import numpy as np
 import paddle
-import yaml
 
+from ..calibration import ECE_BINS, calibration_report
 from ..data.dataset import class_folders
 from ..errors import ConfigError
-from ..predictor import INFER_YML, MODEL_FORMATS, read_label_file
-from ..utils.atomic_io import write_text_atomic
+from ..inference_format import (EXPORT_FILES, MODEL_FORMATS, InferenceSpec, complete_preprocess,
+                                read_label_file, write_spec)
 
-# Files a previous export may have left; removed first so a directory never holds two graphs.
-_EXPORT_FILES = ("inference.json", "inference.pdmodel", "inference.pdiparams",
-                 "inference.pdiparams.info", "inference.onnx", INFER_YML)
+from .certify import DEFAULT_ATOL, certify, eval_batches, random_batches
+
 _ONNX_HINT = "pip install paddle2onnx onnxruntime"
 
 
@@ -43,17 +40,6 @@ class SoftmaxClassifier(paddle.nn.Layer):
 
     def forward(self, x):
         return paddle.nn.functional.softmax(self.model(x), axis=-1)
-
-
-def complete_preprocess(ops):
-    """Deploy op list: ``DecodeImage`` first and ``ToCHWImage`` last, so the file is explicit."""
-    ops = [copy.deepcopy(op) if isinstance(op, dict) else {op: None} for op in ops]
-    names = [next(iter(op)) for op in ops]
-    if "DecodeImage" not in names:
-        ops.insert(0, {"DecodeImage": {"to_rgb": True, "channel_first": False}})
-    if "ToCHWImage" not in names:
-        ops.append({"ToCHWImage": None})
-    return ops
 
 
 def eval_preprocess_ops(cfg):
@@ -97,13 +83,21 @@ def _written_model_file(save_dir):
 
 
 def export_dygraph(model, save_dir, image_shape, preprocess_ops, label_names=None, *,
-                   model_name=None, topk=5, export_onnx=False):
-    """Save ``model`` (a dygraph Layer) + softmax as an inference model in ``save_dir``.
+                   model_name=None, topk=5, export_onnx=False, reject_threshold=None,
+                   certify_on=None, certify_atol=DEFAULT_ATOL, calibrate=False, ece_bins=ECE_BINS):
+    """Save ``model`` (a dygraph Layer) + softmax as an inference model in ``save_dir``, certify it
+    and optionally calibrate it.
 
     ``preprocess_ops`` is the eval op list (YAML form); ``label_names`` a list indexed by class id
-    or ``None``. Returns the directory. The model's train/eval mode is restored afterwards, so the
-    trainer can export mid-training.
+    or ``None``. ``certify_on`` is ``(batches, description)`` with ``batches`` yielding
+    ``(float32 NCHW, int labels or None)`` (``certify.eval_batches``); by default a few random
+    inputs. ``calibrate`` fits the temperature on those batches, so it needs labelled ones.
+    ``reject_threshold`` is stored for the readers. Returns the directory. The model's train/eval
+    mode is restored afterwards, so the trainer can export mid-training.
     """
+    if calibrate and certify_on is None:  # before the slow part
+        raise ConfigError("Export.calibrate", "needs labelled images to fit the temperature on: "
+                          "configure DataLoader.Eval (the val set), or set Export.calibrate=False")
     image_shape = [int(v) for v in image_shape]
     if len(image_shape) != 3:
         raise ConfigError("Global.image_shape", f"must be [C, H, W], got {image_shape}")
@@ -115,7 +109,7 @@ def export_dygraph(model, save_dir, image_shape, preprocess_ops, label_names=Non
         _require_onnx_tools()
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
-    for name in _EXPORT_FILES:
+    for name in EXPORT_FILES:
         (save_dir / name).unlink(missing_ok=True)
 
     was_training = model.training
@@ -131,25 +125,30 @@ def export_dygraph(model, save_dir, image_shape, preprocess_ops, label_names=Non
             model.train()
 
     model_file, params_file = _written_model_file(save_dir)
-    info = {
-        "Global": {"model_name": model_name or type(model).__name__, "class_num": class_num,
-                   "image_shape": image_shape, "input_name": "x", "output": "softmax probabilities",
-                   "model_file": model_file.name, "params_file": params_file.name,
-                   "ppcls_ft_version": _ppcls_ft_version(), "paddle_version": paddle.__version__},
-        "PreProcess": {"transform_ops": complete_preprocess(preprocess_ops)},
-        "PostProcess": {"Topk": {"topk": int(topk),
-                                 "label_list": list(label_names) if label_names is not None else None}},
-    }
-    _write_info(save_dir, info)
+    spec = InferenceSpec(transform_ops=complete_preprocess(preprocess_ops),
+                         model_name=model_name or type(model).__name__, class_num=class_num,
+                         image_shape=image_shape, input_name="x", model_file=model_file.name,
+                         params_file=params_file.name, topk=int(topk),
+                         label_list=list(label_names) if label_names is not None else None,
+                         reject_threshold=reject_threshold,
+                         extra={"ppcls_ft_version": _ppcls_ft_version(),
+                                "paddle_version": paddle.__version__})
+    write_spec(save_dir, spec)  # readable before the certificate, which runs the Predictor on it
+    batches, inputs = certify_on or random_batches(image_shape)
+    _, logits, labels = certify(model, save_dir, batches, inputs, certify_atol)
+    if calibrate:
+        if labels is None:
+            raise ConfigError("Export.calibrate", f"the certificate ran on {inputs}, which have no "
+                              "labels; configure DataLoader.Eval with the val set")
+        report = calibration_report(logits, labels, ece_bins)
+        spec.temperature = report.pop("temperature")
+        spec.calibration = {**report, "fitted_on_inputs": inputs}
+        write_spec(save_dir, spec)
     if export_onnx:
-        info["Global"]["onnx_file"] = "inference.onnx"
-        info["Global"]["onnx_max_abs_diff"] = export_onnx_model(save_dir, image_shape)
-        _write_info(save_dir, info)
+        spec.extra["onnx_file"] = "inference.onnx"
+        spec.extra["onnx_max_abs_diff"] = export_onnx_model(save_dir, image_shape)
+        write_spec(save_dir, spec)
     return save_dir
-
-
-def _write_info(save_dir, info):
-    write_text_atomic(save_dir / INFER_YML, yaml.safe_dump(info, sort_keys=False, allow_unicode=True))
 
 
 def export_inference_model(cfg, save_dir=None, allow_random=False):
@@ -182,17 +181,44 @@ def export_inference_model(cfg, save_dir=None, allow_random=False):
 
 def export_model_with_config(model, cfg, save_dir=None):
     """Export a model object (e.g. the trainer's best model) with everything else from ``cfg``:
-    image_shape, eval preprocessing, label names, top-k, ONNX."""
+    image_shape, eval preprocessing, label names, top-k, ONNX, and the ``Export`` section
+    (certificate on the eval set, calibration, reject threshold; docs/deploy.md)."""
     glob = cfg.get("Global") or {}
     arch = cfg.get("Arch") or {}
+    exp = cfg.get("Export") or {}
     save_dir = Path(save_dir or glob.get("save_inference_dir") or "./inference")
     image_shape = glob.get("image_shape") or [3, 224, 224]
     class_num = getattr(model, "class_num", arch.get("class_num"))
     post = (cfg.get("Infer") or {}).get("PostProcess") or {}
+    calibrate = bool(exp.get("calibrate", False))
     return export_dygraph(model, save_dir, image_shape, eval_preprocess_ops(cfg),
                           label_names_from_config(cfg, class_num),
                           model_name=str(arch.get("name") or type(model).__name__).strip(),
-                          topk=post.get("topk", 5), export_onnx=bool(glob.get("export_onnx", False)))
+                          topk=post.get("topk", 5), export_onnx=bool(glob.get("export_onnx", False)),
+                          reject_threshold=exp.get("reject_threshold"),
+                          certify_on=_certify_inputs(cfg, class_num, exp, calibrate),
+                          certify_atol=float(exp.get("certify_atol", DEFAULT_ATOL)),
+                          calibrate=calibrate, ece_bins=int(exp.get("ece_bins", ECE_BINS)))
+
+
+def _certify_inputs(cfg, class_num, exp, calibrate):
+    """The eval set (or its first ``Export.certify_samples`` images); random inputs when there is
+    none, when ``certify_samples`` is 0, or when its files are not there (the unchanged
+    PaddleClas configs point at ./dataset/ILSVRC2012) and no calibration needs it."""
+    from ..errors import DataError
+    from ..utils.logger import get_logger
+
+    samples = exp.get("certify_samples")
+    if samples == 0:
+        return None if calibrate else random_batches(cfg["Global"].get("image_shape") or [3, 224, 224])
+    try:
+        return eval_batches(cfg, class_num, samples)
+    except (DataError, ConfigError, OSError) as exc:
+        if calibrate:
+            raise
+        get_logger(None).warning(f"export certificate: DataLoader.Eval is not usable ({exc}); "
+                                 "certifying on random inputs instead")
+        return None
 
 
 def _require_onnx_tools():
@@ -232,7 +258,7 @@ def export_onnx_model(save_dir, image_shape, opset_version=11, atol=1e-4):
     x = np.random.default_rng(0).standard_normal([2] + list(image_shape)).astype(np.float32)
     session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     onnx_probs = session.run(None, {session.get_inputs()[0].name: x})[0]
-    paddle_probs = Predictor(save_dir, enable_mkldnn=False).predict_arrays(x)
+    paddle_probs = Predictor(save_dir, enable_mkldnn=False).run_graph(x)
     diff = float(np.abs(onnx_probs - paddle_probs).max())
     if diff > atol:
         raise RuntimeError(f"{onnx_file}: onnxruntime differs from paddle-inference by {diff:.2e} "

@@ -4,9 +4,9 @@ from pathlib import Path
 import numpy as np
 import paddle
 
-from ..data.transforms import build_transforms
-from ..errors import ConfigError, DataError
-from ..predictor import format_result, list_images, read_label_file, topk_results
+from ..data.dataset import list_images
+from ..errors import ConfigError
+from ..inference_format import Postprocessor, Preprocessor, complete_preprocess, format_result, read_label_file
 from ..utils import distributed as dist
 from ..utils.logger import format_values, get_logger
 from .builder import build_eval_parts, build_model_for, build_train_parts, class_num_of
@@ -54,15 +54,12 @@ def _require_weights(cfg, to_do):
         raise ConfigError("Global.pretrained_model", f"is required to {to_do}")
 
 
-def _load_image(transform, path):
-    try:
-        return transform.to_chw(path.read_bytes())
-    except DataError as exc:  # corrupt, or above DecodeImage.max_pixels: say which file
-        raise DataError(f"{path}: {exc}") from None
-
-
 def infer(cfg):
-    """Top-k with label names for ``Infer.infer_imgs`` (an image or a folder); prints and returns."""
+    """Top-k with label names for ``Infer.infer_imgs`` (an image or a folder); prints and returns.
+
+    The dygraph model with the exported model's pre- and post-processing classes
+    (``inference_format``), so tools/infer.py and the Predictor treat an image alike.
+    """
     infer_cfg = cfg.get("Infer") or {}
     if "transforms" not in infer_cfg:
         raise ConfigError("Infer.transforms", "is required (the eval preprocessing list)")
@@ -70,22 +67,22 @@ def infer(cfg):
     logger = get_logger(None)
     model = build_model_for(cfg, logger, for_training=False)
     model.eval()
-    transform = build_transforms(infer_cfg["transforms"], path="Infer.transforms")
+    preprocess = Preprocessor(complete_preprocess(infer_cfg["transforms"]), "Infer.transforms")
     post = infer_cfg.get("PostProcess") or {}
-    topk = int(post.get("topk", 5))
     names = None
     if post.get("class_id_map_file"):
         names = read_label_file(post["class_id_map_file"], class_num_of(cfg),
                                 "Infer.PostProcess.class_id_map_file")
-    files = [Path(f) for f in list_images(infer_cfg.get("infer_imgs", ""), "Infer.infer_imgs")]
+    postprocess = Postprocessor(int(post.get("topk", 5)), names)
+    files = list_images(infer_cfg.get("infer_imgs", ""), "Infer.infer_imgs")
     batch = int(infer_cfg.get("batch_size", 8))
     results = []
     for i in range(0, len(files), batch):
         chunk = files[i:i + batch]
-        arrays = [_load_image(transform, f) for f in chunk]
+        arrays = np.stack([preprocess(f) for f in chunk])
         with paddle.no_grad():
-            probs = paddle.nn.functional.softmax(model(paddle.to_tensor(np.stack(arrays)))).numpy()
-        for res in topk_results(probs, topk, names, [str(f) for f in chunk]):
+            probs = paddle.nn.functional.softmax(model(paddle.to_tensor(arrays))).numpy()
+        for res in postprocess(probs, chunk):
             results.append(res)
             print(format_result(res))
     return results
