@@ -93,7 +93,7 @@ def build_report(title, history, verdict, results=None, stopped=None):
         parts.append(f"<p><b>Stopped early:</b> {html.escape(stopped)}</p>")
     if verdict:
         advice = "".join(f"<li><code>{html.escape(a)}</code></li>" for a in verdict.get("advice", []))
-        parts.append(f"<h2>Diagnosis: {html.escape(verdict['verdict'])}</h2>"
+        parts.append(f"<h2>Diagnosis: {html.escape(verdict['verdict'].replace('_', ' '))}</h2>"
                      f"<p>{html.escape(verdict.get('reason', ''))}</p><ul>{advice}</ul>")
     if history:
         parts.append("<h2>Curves</h2>" + _img(curves_png(history), "loss, top-1 and lr curves"))
