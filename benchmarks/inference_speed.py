@@ -69,6 +69,23 @@ def time_interleaved(fns, batch, warmup, iters, rounds=5):
 ENGINES = ("onednn", "native", "openvino")
 
 
+def onnxruntime_engine(model_dir, size, threads):
+    """ONNX Runtime on the exported model (``pip install -e .[onnx]``), or None without it.
+    Conversion through ``export_onnx_model``, which refuses a file that disagrees with Paddle."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    from ppcls_ft.engine.export import export_onnx_model
+    export_onnx_model(model_dir, [3, size, size])
+    opts = onnxruntime.SessionOptions()
+    opts.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(str(Path(model_dir) / "inference.onnx"), opts,
+                                           providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda batch: session.run(None, {name: batch})[0]
+
+
 def bench_model(name, size, threads, warmup, iters, workdir):
     """Rows ``(model, batch, {engine: images/s}, {engine: max |p - p_dygraph|})`` for one model."""
     arch = ALIASES.get(name, name)
@@ -81,6 +98,9 @@ def bench_model(name, size, threads, warmup, iters, workdir):
         # batch_size = the largest batch, so run_graph runs each batch in one call
         pred = Predictor(out, engine=key, cpu_threads=threads, batch_size=max(BATCH_SIZES))
         engines[key] = pred.run_graph
+    ort = onnxruntime_engine(out, size, threads)
+    if ort is not None:
+        engines["onnxruntime"] = ort
 
     def dygraph(batch):
         with paddle.no_grad():
@@ -91,7 +111,7 @@ def bench_model(name, size, threads, warmup, iters, workdir):
     for bs in BATCH_SIZES:
         batch = np.random.default_rng(0).standard_normal([bs, 3, size, size]).astype(np.float32)
         ref = dygraph(batch)
-        diffs = {k: float(np.abs(engines[k](batch) - ref).max()) for k in ENGINES}
+        diffs = {k: float(np.abs(engines[k](batch) - ref).max()) for k in engines if k != "dygraph"}
         speeds = time_interleaved(engines, batch, warmup, iters)
         rows.append((arch, bs, speeds, diffs))
         print(f"{arch} bs{bs}: " + ", ".join(f"{k} {v:.1f}" for k, v in speeds.items()), flush=True)
@@ -111,13 +131,18 @@ def markdown(rows, args, threads):
           if args.iters < 10 else []),
         "Max diff: the largest |probability - dygraph probability| of that engine on the timed batch "
         "(exact = within the export certificate's 1e-4).", "",
-        "| model | batch | oneDNN | no oneDNN | OpenVINO (bundled) | dygraph eval | oneDNN / dygraph "
-        "| max diff oneDNN / native / OpenVINO |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| model | batch | oneDNN | no oneDNN | OpenVINO (bundled) | ONNX Runtime | dygraph eval "
+        "| oneDNN / dygraph | max diff oneDNN / native / OpenVINO / ONNX Runtime |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
+
+    def cell(v, fmt):
+        return "n/a" if v is None else format(v, fmt)
+
     body = [f"| {m} | {bs} | {s['onednn']:.1f} | {s['native']:.1f} | {s['openvino']:.1f} | "
-            f"{s['dygraph']:.1f} | {s['onednn'] / s['dygraph']:.1f}x | "
-            f"{d['onednn']:.1e} / {d['native']:.1e} / {d['openvino']:.1e} |" for m, bs, s, d in rows]
+            f"{cell(s.get('onnxruntime'), '.1f')} | {s['dygraph']:.1f} | "
+            f"{s['onednn'] / s['dygraph']:.1f}x | {d['onednn']:.1e} / {d['native']:.1e} / "
+            f"{d['openvino']:.1e} / {cell(d.get('onnxruntime'), '.1e')} |" for m, bs, s, d in rows]
     return "\n".join(head + body) + "\n"
 
 
