@@ -13,6 +13,7 @@ import paddle
 import paddle.distributed as pdist
 
 from ppcls_ft.config import load_config
+from ppcls_ft.data.loader import iterate
 from ppcls_ft.engine.builder import build_train_parts
 from ppcls_ft.engine.trainer import Trainer
 from ppcls_ft.selfcheck import config
@@ -36,9 +37,20 @@ def checksum(model):
     return [float(v.astype("float64").sum()) for v in model.state_dict().values()]
 
 
+def first_batch(loader):
+    """The first batch, with the loader's prefetch thread stopped afterwards: an abandoned
+    iterator keeps loading items, and their per-item reseeding of the global RNGs would race
+    with the next iterator's."""
+    batches = iterate(loader)
+    try:
+        return next(batches)
+    finally:
+        batches.close()
+
+
 def draws(trainer):
     trainer.reseed(1)
-    images, labels, _ = next(iter(trainer.p.train_loader))
+    images, labels, _ = first_batch(trainer.p.train_loader)
     mixed, _ = trainer.p.batch_op(images, labels)
     mask = paddle.nn.functional.dropout(paddle.ones([32]), p=0.5).numpy()
     return [float(images.sum()), float(mixed.sum()), trainer.p.batch_op.last_lam, *mask.tolist()]
@@ -117,13 +129,14 @@ def no_sync():
     trainer._wrap()
     parts.strategy.train_mode(trainer.model)
     trainer.reseed(1)
-    batches = iter(parts.train_loader)
+    batches = iterate(parts.train_loader)
     fc = dict(trainer.inner.named_parameters())["fc.weight"]
     images, labels, _ = next(batches)
     trainer.train_step(images, labels, 1, 1)          # micro-step: local gradients only
     micro = gathered(fc.grad.numpy().ravel()[:8])
     images, labels, _ = next(batches)
     trainer.train_step(images, labels, 2, 1)          # boundary: all-reduce, then step
+    batches.close()
     return {"micro": micro, "after_step": gathered(checksum(trainer.inner)),
             "steps": trainer.state.global_step}
 
