@@ -28,7 +28,9 @@ class Average:
         return self.total / self.count if self.count else None
 
 
-def _loss_keys(loss, class_num):
+def loss_keys(loss, class_num):
+    """The names ``loss`` returns, known before any batch: every rank must contribute vectors of
+    one layout to an all-reduce, even a rank whose shard or batch is empty."""
     with paddle.no_grad():
         return list(loss(paddle.zeros([1, class_num], "float32"), paddle.zeros([1], "int64")))
 
@@ -57,7 +59,7 @@ def evaluate(parts, model, stats=None):
     metrics = parts.eval_metrics
     if metrics is not None:
         metrics.reset()
-    keys = _loss_keys(parts.eval_loss, model.class_num) if parts.eval_loss is not None else []
+    keys = loss_keys(parts.eval_loss, model.class_num) if parts.eval_loss is not None else []
     sums, count, skipped = [0.0] * len(keys), 0, 0
     indices = _batch_indices(parts.eval_loader)
     single = dist.world_size() == 1

@@ -29,7 +29,7 @@ from ..utils.seeding import BATCH_OP, SeedTree
 from .analysis import ClassStats, format_per_class
 from .checkpoint import build_states, float32_state, save_checkpoint
 from .diagnosis import diagnose, early_stop, format_diagnosis
-from .evaluate import Average, evaluate
+from .evaluate import Average, evaluate, loss_keys
 from .report import class_results, write_run_report
 from .results import resume_hint, write_results
 from .run_guard import RunStopped, stop_requested
@@ -60,7 +60,7 @@ class Trainer:
         self._retired = []                 # earlier DataParallel wrappers (see _wrap)
         self._pending = False              # a backward ran since the last optimizer step
         self._contributed = 0              # ... and how many, of update_freq
-        self._loss_keys = self._probe_loss_keys()
+        self._loss_keys = loss_keys(parts.train_loss, self.inner.class_num)  # fixed all-reduce layout
         self._last_stats = self._best_stats = None  # (epoch, analysis.ClassStats) of evals
         self._best_results = None
         if parts.batch_op is not None:
@@ -71,14 +71,6 @@ class Trainer:
     epoch = property(lambda self: self.state.epoch)
     best_top1 = property(lambda self: self.state.best_top1)
     history = property(lambda self: self.state.history)
-
-    def _probe_loss_keys(self):
-        """The names the train loss returns, known on every rank before any batch (an empty
-        first batch on one rank must still contribute a vector of the same length)."""
-        k = self.inner.class_num
-        with paddle.no_grad():
-            out = self.p.train_loss(paddle.zeros([1, k], "float32"), paddle.zeros([1], "int64"))
-        return list(out)
 
     # ------------------------------------------------------------------ loop
     def fit(self):

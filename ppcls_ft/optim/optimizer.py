@@ -330,6 +330,14 @@ def build_optimizer(opt_cfg: dict, model, lr_scheduler: Union[LRScheduler, float
         raise _reroot(err, path) from None
 
 
+def optimizer_params(optimizer):
+    """Every parameter an optimizer updates, whether it was built with groups or a plain list."""
+    groups = optimizer._param_groups
+    if groups and isinstance(groups[0], dict):
+        return [p for g in groups for p in g["params"]]
+    return list(groups)
+
+
 def materialize_accumulators(optimizer):
     """Create every parameter's optimizer state now, with the values a first update would start
     from (zero velocity and moments, beta powers at beta).
@@ -341,9 +349,7 @@ def materialize_accumulators(optimizer):
     hook every Paddle optimizer implements for exactly this; no public API does it.
     """
     from paddle.base import framework
-    groups = optimizer._param_groups
-    params = [p for g in groups for p in g["params"]] if groups and isinstance(groups[0], dict) \
-        else list(groups)
+    params = optimizer_params(optimizer)
     block = framework.default_main_program().global_block()
     optimizer._create_accumulators(block, params)
 
@@ -400,9 +406,7 @@ def _masters_from_params(optimizer, masters):
     """Set each fp32 master weight to its (restored) low-precision parameter."""
     if not masters:
         return
-    groups = optimizer._param_groups
-    params = [p for g in groups for p in g["params"]] if groups and isinstance(groups[0], dict) \
-        else list(groups)
+    params = optimizer_params(optimizer)
     for p in params:
         if p.name in masters:
             masters[p.name].set_value(p.astype("float32"))
