@@ -21,8 +21,11 @@ setup(
     ],
     # Paddle is an extra so a GPU user is not forced onto the CPU wheel:
     #   pip install -e .[cpu]   or   pip install -e .[gpu] (paddlepaddle-gpu from Paddle's index)
+    # The CPU extra carries ONNX Runtime and paddle2onnx: the export certifies and times it beside
+    # paddle-inference and the Predictor serves with the faster (up to 2x on the mobile models,
+    # docs/benchmarks/inference_speed.md). onnx_graphsurgeon: paddle2onnx's constant folding needs it.
     extras_require={
-        "cpu": ["paddlepaddle==3.3.1"],
+        "cpu": ["paddlepaddle==3.3.1", "paddle2onnx>=2.0", "onnxruntime>=1.16", "onnx_graphsurgeon>=0.3.27"],
         "gpu": ["paddlepaddle-gpu==3.3.1"],
         "onnx": ["paddle2onnx>=2.0", "onnxruntime>=1.16", "onnx_graphsurgeon>=0.3.27"],
         # The HTTP service (deploy/serve.py): pip install -e .[serve]

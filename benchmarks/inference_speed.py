@@ -1,5 +1,6 @@
-"""Inference speed on CPU: paddle-inference engines (oneDNN, no oneDNN, Paddle's bundled OpenVINO)
-and dygraph eval, with each engine's largest probability difference from dygraph.
+"""Inference speed on CPU: the default Predictor (engine ``auto``), paddle-inference engines (oneDNN,
+no oneDNN, Paddle's bundled OpenVINO), ONNX Runtime and dygraph eval, with each engine's largest
+probability difference from dygraph.
 
 All three run in one process on one machine, side by side (absolute numbers differ between
 hosts: shared/guide/PERFORMANCE.md). Each model is built with random weights (speed does not
@@ -66,24 +67,7 @@ def time_interleaved(fns, batch, warmup, iters, rounds=5):
     return {k: float(np.median(v)) for k, v in rates.items()}
 
 
-ENGINES = ("onednn", "native", "openvino")
-
-
-def onnxruntime_engine(model_dir, size, threads):
-    """ONNX Runtime on the exported model (``pip install -e .[onnx]``), or None without it.
-    Conversion through ``export_onnx_model``, which refuses a file that disagrees with Paddle."""
-    try:
-        import onnxruntime
-    except ImportError:
-        return None
-    from ppcls_ft.engine.export import export_onnx_model
-    export_onnx_model(model_dir, [3, size, size])
-    opts = onnxruntime.SessionOptions()
-    opts.intra_op_num_threads = threads
-    session = onnxruntime.InferenceSession(str(Path(model_dir) / "inference.onnx"), opts,
-                                           providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return lambda batch: session.run(None, {name: batch})[0]
+ENGINES = ("onednn", "native", "openvino", "onnxruntime")
 
 
 def bench_model(name, size, threads, warmup, iters, workdir):
@@ -91,17 +75,19 @@ def bench_model(name, size, threads, warmup, iters, workdir):
     arch = ALIASES.get(name, name)
     model = build_model({"name": arch, "class_num": 1000})
     model.eval()
+    # The default export: ONNX too (the [cpu] extra), both engines certified, timed, the fastest
+    # recorded for the default Predictor ("auto"), whose choice is measured here beside the rest.
     out = export_dygraph(model, Path(workdir) / arch, [3, size, size], [{"ToCHWImage": None}],
-                         model_name=arch)
+                         model_name=arch, serve_batch=max(BATCH_SIZES))
     engines = {}
-    for key in ENGINES:
+    for key in ENGINES + ("auto",):
+        if key == "onnxruntime" and not (out / "inference.onnx").is_file():
+            continue  # paddle2onnx or onnxruntime not installed
         # batch_size = the largest batch, so run_graph runs each batch in one call
         pred = Predictor(out, engine=key, cpu_threads=threads, batch_size=max(BATCH_SIZES))
         engines[key] = pred.run_graph
-    ort = onnxruntime_engine(out, size, threads)
-    if ort is not None:
-        engines["onnxruntime"] = ort
-
+        if key == "auto":
+            chosen = pred.plan
     def dygraph(batch):
         with paddle.no_grad():
             return paddle.nn.functional.softmax(model(paddle.to_tensor(batch)), axis=-1).numpy()
@@ -113,8 +99,11 @@ def bench_model(name, size, threads, warmup, iters, workdir):
         ref = dygraph(batch)
         diffs = {k: float(np.abs(engines[k](batch) - ref).max()) for k in engines if k != "dygraph"}
         speeds = time_interleaved(engines, batch, warmup, iters)
+        speeds["auto_engine"] = chosen.engine_for(bs)
         rows.append((arch, bs, speeds, diffs))
-        print(f"{arch} bs{bs}: " + ", ".join(f"{k} {v:.1f}" for k, v in speeds.items()), flush=True)
+        print(f"{arch} bs{bs}: " + ", ".join(f"{k} {v:.1f}" for k, v in speeds.items()
+                                             if k != "auto_engine") + f" (auto: {speeds['auto_engine']})",
+              flush=True)
     return rows
 
 
@@ -131,17 +120,21 @@ def markdown(rows, args, threads):
           if args.iters < 10 else []),
         "Max diff: the largest |probability - dygraph probability| of that engine on the timed batch "
         "(exact = within the export certificate's 1e-4).", "",
-        "| model | batch | oneDNN | no oneDNN | OpenVINO (bundled) | ONNX Runtime | dygraph eval "
-        "| oneDNN / dygraph | max diff oneDNN / native / OpenVINO / ONNX Runtime |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "Default: `Predictor(model_dir)` (engine `auto`), which serves with the engine the export "
+        "certified and timed fastest for that batch size (ppcls_ft/runtimes.py); the export's own "
+        "timing is short, so on a close call it can pick the other engine.", "",
+        "| model | batch | default (engine) | oneDNN | no oneDNN | OpenVINO (bundled) | ONNX Runtime "
+        "| dygraph eval | default / dygraph | max diff oneDNN / native / OpenVINO / ONNX Runtime |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
 
     def cell(v, fmt):
         return "n/a" if v is None else format(v, fmt)
 
-    body = [f"| {m} | {bs} | {s['onednn']:.1f} | {s['native']:.1f} | {s['openvino']:.1f} | "
+    body = [f"| {m} | {bs} | {s['auto']:.1f} ({s['auto_engine']}) | {s['onednn']:.1f} | "
+            f"{s['native']:.1f} | {s['openvino']:.1f} | "
             f"{cell(s.get('onnxruntime'), '.1f')} | {s['dygraph']:.1f} | "
-            f"{s['onednn'] / s['dygraph']:.1f}x | {d['onednn']:.1e} / {d['native']:.1e} / "
+            f"{s['auto'] / s['dygraph']:.1f}x | {d['onednn']:.1e} / {d['native']:.1e} / "
             f"{d['openvino']:.1e} / {cell(d.get('onnxruntime'), '.1e')} |" for m, bs, s, d in rows]
     return "\n".join(head + body) + "\n"
 

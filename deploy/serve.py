@@ -14,6 +14,7 @@ if (_ROOT / "ppcls_ft").is_dir():  # in a checkout: its own library, not another
     sys.path.insert(0, str(_ROOT))
 
 from ppcls_ft.engine.cli import exit_on_user_error  # noqa: E402
+from ppcls_ft.runtimes import ENGINE_CHOICES  # noqa: E402
 from ppcls_ft.service import Limits  # noqa: E402
 
 
@@ -33,6 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--reject_threshold", type=float, default=None,
                    help="answer 'unknown' (class id -1) below this top score; default: inference.yml's")
     p.add_argument("--cpu_threads", type=int, default=None, help="default: every core this process may use")
+    p.add_argument("--engine", default=None, choices=ENGINE_CHOICES,
+                   help="CPU engine; default auto: the export's fastest certified one (docs/deploy.md)")
     return p.parse_args(argv)
 
 
@@ -43,7 +46,8 @@ def main(argv=None):
     limits = Limits(max_bytes=a.max_bytes, max_pixels=a.max_pixels, max_images=a.max_images)
     exit_on_user_error(lambda: serve(a.model_dir, a.host, a.port, max_batch=a.max_batch,
                                      max_wait_ms=a.max_wait_ms, limits=limits,
-                                     reject_threshold=a.reject_threshold, cpu_threads=a.cpu_threads))
+                                     reject_threshold=a.reject_threshold, cpu_threads=a.cpu_threads,
+                                     engine=a.engine))
 
 
 if __name__ == "__main__":

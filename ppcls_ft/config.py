@@ -35,7 +35,7 @@ GLOBAL_SCHEMA = {
     "eval_interval": (int,), "start_eval_epoch": (int,), "epochs": (int,),
     "print_batch_step": (int,), "use_visualdl": (bool,), "image_shape": (list,),
     "save_inference_dir": (str,), "to_static": (bool,), "seed": (int, None),
-    "update_freq": (int,), "class_num": (int,), "export_onnx": (bool,),
+    "update_freq": (int,), "class_num": (int,), "export_onnx": (bool, None),
     "cpu_threads": (int, None), "use_dali": (bool,), "auto_resume": (bool,),
     "early_stop_patience": (int, None), "early_stop_min_delta": NUMBER,
     # PaddleClas keys accepted so its configs load unchanged; see NO_EFFECT for what they do here.
@@ -60,7 +60,8 @@ INFER_SCHEMA = {"infer_imgs": (str, list), "batch_size": (int,), "transforms": (
                 "PostProcess": (dict, None)}
 # tools/export_model.py beyond PaddleClas (docs/deploy.md §1): the certificate, calibration, reject.
 EXPORT_SCHEMA = {"calibrate": (bool,), "ece_bins": (int,), "reject_threshold": (float, int, None),
-                 "certify_samples": (int, None), "certify_atol": NUMBER}
+                 "certify_samples": (int, None), "certify_atol": NUMBER, "choose_engine": (bool,),
+                 "serve_batch": (int,)}
 SECTIONS = ("Global", "Arch", "Loss", "Optimizer", "DataLoader", "Infer", "Metric", "AMP", "EMA",
             "FineTune", "Slim", "Export")
 REQUIRED_SECTIONS = ("Global", "Arch")

@@ -16,6 +16,8 @@ unchanged, so those tools still read the file):
     PostProcess: Topk: {topk, label_list}
     Calibration: temperature and its fit record, or absent (= temperature 1)
     Reject:      {threshold, class_id, label_name}, or absent (= never reject)
+    Engine:      {certified, fastest: {batch: engine}, images_per_s, measured_on}: the CPU engines
+                 the certificate passed and the export timed (runtimes.py), or absent (= oneDNN)
 
 Files without ``schema_version`` (ppcls_ft before 0.2, PaddleX exports) are version 1: the first
 three sections only, which read with temperature 1 and no reject threshold.
@@ -135,6 +137,7 @@ class InferenceSpec:
     temperature: float = 1.0
     calibration: dict = None      # the fit record (ECE before/after, samples, ...) when calibrated
     reject_threshold: float = None
+    engines: dict = None          # the Engine section: certified engines and the fastest per batch
     extra: dict = field(default_factory=dict)   # other Global keys (versions, onnx), kept as read
     schema_version: int = SCHEMA_VERSION
 
@@ -153,6 +156,8 @@ class InferenceSpec:
         if self.reject_threshold is not None:
             data["Reject"] = {"threshold": float(self.reject_threshold), "class_id": UNKNOWN_ID,
                               "label_name": UNKNOWN_LABEL}
+        if self.engines:
+            data["Engine"] = self.engines
         return data
 
     @classmethod
@@ -174,6 +179,11 @@ class InferenceSpec:
         if not temperature > 0:
             raise ConfigError(f"{where}: Calibration.temperature", f"must be > 0, got {temperature}")
         reject = (data.get("Reject") or {}).get("threshold")
+        engines = data.get("Engine") or None
+        if engines is not None and not (isinstance(engines, dict)
+                                        and isinstance(engines.get("fastest", {}), dict)):
+            raise ConfigError(f"{where}: Engine.fastest", "must map batch sizes to engine names, "
+                              f"got {engines!r}; export the model again")
         known = ("model_name", "arch", "class_num", "image_shape", "input_name", "output",
                  "model_file", "params_file")
         return cls(transform_ops=(data.get("PreProcess") or {}).get("transform_ops"),
@@ -182,7 +192,7 @@ class InferenceSpec:
                    model_file=glob.get("model_file"), params_file=glob.get("params_file"),
                    topk=int(topk.get("topk") or DEFAULT_TOPK), label_list=topk.get("label_list"),
                    temperature=temperature, calibration=calib or None,
-                   reject_threshold=None if reject is None else float(reject),
+                   reject_threshold=None if reject is None else float(reject), engines=engines,
                    extra={k: v for k, v in glob.items() if k not in known}, schema_version=version)
 
 

@@ -257,6 +257,7 @@ class ClassifierService:
                 "temperature": post.temperature, "calibration": spec.calibration,
                 "reject_threshold": post.reject_threshold, "unknown_class_id": UNKNOWN_ID,
                 "schema_version": spec.schema_version, "model_file": self.predictor.model_file.name,
+                "engine": self.predictor.engine,
                 "batching": {"max_batch": self.batcher.max_batch,
                              "max_wait_ms": self.batcher.max_wait * 1000.0},
                 "limits": asdict(self.limits)}
@@ -394,7 +395,7 @@ def create_app(service):
 
 
 def serve(model_dir, host="127.0.0.1", port=8080, *, max_batch=8, max_wait_ms=5.0, limits=None,
-          reject_threshold=None, cpu_threads=None, log_level="info"):
+          reject_threshold=None, cpu_threads=None, log_level="info", engine=None):
     """Load ``model_dir`` and serve it until interrupted (one process, one predictor)."""
     _require_fastapi()
     import uvicorn
@@ -402,6 +403,6 @@ def serve(model_dir, host="127.0.0.1", port=8080, *, max_batch=8, max_wait_ms=5.
     from .predictor import Predictor
 
     predictor = Predictor(model_dir, batch_size=max_batch, cpu_threads=cpu_threads,
-                          reject_threshold=reject_threshold)
+                          reject_threshold=reject_threshold, engine=engine)
     app = create_app(ClassifierService(predictor, limits, max_batch, max_wait_ms))
     uvicorn.run(app, host=host, port=int(port), log_level=log_level)

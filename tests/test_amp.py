@@ -80,9 +80,13 @@ def test_bf16_train_eval_save_resume(tmp_path, tiny_dataset, level, monkeypatch)
     assert evaluate_config(plain)["top1"] == pytest.approx(full["history"][-1]["eval_top1"])
 
 
-def test_low_precision_weights_are_saved_as_float32_and_resumed_into_place():
+@pytest.mark.parametrize("ml_dtypes", [False, True], ids=["numpy", "ml_dtypes-imported"])
+def test_low_precision_weights_are_saved_as_float32_and_resumed_into_place(ml_dtypes):
     """What O2 does on a GPU (fp16/bf16 parameters), emulated by casting: the checkpoint is
-    float32 and an exact load writes into the live low-precision tensors."""
+    float32 and an exact load writes into the live low-precision tensors. Also once ml_dtypes is
+    imported (onnx imports it), which gives numpy a bfloat16 dtype that Paddle refuses."""
+    if ml_dtypes:
+        pytest.importorskip("ml_dtypes", reason="the [cpu] extra installs it (through onnx)")
     from ppcls_ft.models import build_model
     from ppcls_ft.models._builder import load_state_exact
     model = build_model({"name": "PPLCNet_x0_25", "class_num": 3}, load_weights=False)

@@ -1,6 +1,8 @@
-"""The export certificate: the exported graph, run by paddle-inference, against the dygraph model.
+"""The export certificate: the exported graph, run by each CPU engine the export wrote it for
+(paddle-inference with oneDNN; ONNX Runtime when ``inference.onnx`` was written), against the
+dygraph model.
 
-Both run on the same float32 batches (the eval set, a stated part of it, or a few random inputs
+All run on the same float32 batches (the eval set, a stated part of it, or a few random inputs
 when no eval set is configured); the certificate records top-1 agreement and the largest
 probability difference in ``export_certificate.json`` beside the model. A difference beyond the
 tolerance is an ``ExportError``, not a warning: an export that predicts something else than the
@@ -56,29 +58,63 @@ def eval_batches(cfg, class_num, limit=None):
     return batches(), f"DataLoader.Eval: {what} of {total} images (Export.certify_samples)"
 
 
-def certify(model, save_dir, batches, inputs, atol=DEFAULT_ATOL):
-    """Compare dygraph and paddle-inference on ``batches``; write the certificate.
+class _Tally:
+    """Agreement of one engine with the dygraph reference, accumulated over batches."""
 
-    Returns ``(certificate, logits, labels)`` (labels ``None`` for random inputs). Raises
-    ``ExportError`` naming the certificate when the export disagrees beyond ``atol``.
+    def __init__(self, atol):
+        self.atol, self.max_diff, self.disagree, self.real_disagree = atol, 0.0, 0, 0
+
+    def add(self, ref, served):
+        self.max_diff = max(self.max_diff, float(np.abs(ref - served).max()))
+        differs = ref.argmax(1) != served.argmax(1)
+        top2 = np.sort(ref, axis=1)[:, -2:] if ref.shape[1] > 1 else np.zeros((len(ref), 2))
+        self.disagree += int(differs.sum())
+        # a flip between two near-equal classes is rounding, not a different model
+        self.real_disagree += int((differs & (top2[:, 1] - top2[:, 0] > 2 * self.atol)).sum())
+
+    def report(self, n):
+        problems = []
+        if self.max_diff > self.atol:
+            problems.append(f"largest probability difference {self.max_diff:.3g} > "
+                            f"Export.certify_atol {self.atol:g}")
+        if self.real_disagree:
+            problems.append(f"top-1 differs on {self.real_disagree} of {n} images whose top-2 margin "
+                            f"exceeds {2 * self.atol:g}")
+        return {"passed": not problems, "problems": problems, "top1_agreement": (n - self.disagree) / n,
+                "top1_disagreements": self.disagree, "max_abs_prob_diff": self.max_diff}
+
+
+ENGINE_TITLES = {"onednn": "paddle-inference CPU, oneDNN on", "native": "paddle-inference CPU, no oneDNN",
+                 "openvino": "paddle-inference CPU, bundled OpenVINO", "onnxruntime": "ONNX Runtime CPU"}
+
+
+def certify(model, save_dir, batches, inputs, atol=DEFAULT_ATOL, runners=None, required=None):
+    """Compare dygraph with each engine of ``runners`` (``{name: run_graph}``, default oneDNN) on
+    ``batches``; write the certificate.
+
+    Every engine runs the same float32 batches as the dygraph model, which runs once. Returns
+    ``(certificate, logits, labels)`` (labels ``None`` for random inputs); ``certificate["engines"]``
+    has each engine's result, and the top-level figures are the worst over the engines that
+    passed (or over all when a required one failed). Raises ``ExportError`` naming the certificate
+    when an engine of ``required`` (default: all) disagrees beyond ``atol``; an engine outside
+    ``required`` that fails is only recorded, and the caller must not serve with it.
     """
     from ..predictor import Predictor
 
     save_dir = Path(save_dir)
-    predictor = Predictor(save_dir)  # the serving default: oneDNN, every core
+    runners = runners or {"onednn": Predictor(save_dir, engine="onednn").run_graph}
+    required = set(runners if required is None else required)
+    tallies = {name: _Tally(atol) for name in runners}
     was_training = model.training
     model.eval()
-    all_logits, all_labels, max_diff, disagree, real_disagree, n = [], [], 0.0, 0, 0, 0
+    all_logits, all_labels, n = [], [], 0
     try:
         for images, labels in batches:
             with paddle.no_grad():
                 logits = model(paddle.to_tensor(images)).astype("float32").numpy()
-            ref, served = softmax(logits), predictor.run_graph(images).astype(np.float64)
-            max_diff = max(max_diff, float(np.abs(ref - served).max()))
-            differs = ref.argmax(1) != served.argmax(1)
-            top2 = np.sort(ref, axis=1)[:, -2:] if ref.shape[1] > 1 else np.zeros((len(ref), 2))
-            disagree += int(differs.sum())
-            real_disagree += int((differs & (top2[:, 1] - top2[:, 0] > 2 * atol)).sum())
+            ref = softmax(logits)
+            for name, run in runners.items():
+                tallies[name].add(ref, run(images).astype(np.float64))
             n += len(images)
             all_logits.append(logits)
             if labels is not None:
@@ -89,25 +125,26 @@ def certify(model, save_dir, batches, inputs, atol=DEFAULT_ATOL):
     if n == 0:
         raise ExportError(f"{save_dir}: the certificate has no images to compare (empty eval set?); "
                           "check DataLoader.Eval or Export.certify_samples")
-    problems = []
-    if max_diff > atol:
-        problems.append(f"largest probability difference {max_diff:.3g} > Export.certify_atol {atol:g}")
-    if real_disagree:
-        problems.append(f"top-1 differs on {real_disagree} of {n} images whose top-2 margin exceeds "
-                        f"{2 * atol:g}")
+    per_engine = {name: {"engine": ENGINE_TITLES.get(name, name), **tally.report(n)}
+                  for name, tally in tallies.items()}
+    failed_required = [name for name in required if not per_engine[name]["passed"]]
+    counted = [r for name, r in per_engine.items() if r["passed"] or failed_required]
+    problems = [f"{name}: {p}" for name in sorted(failed_required) for p in per_engine[name]["problems"]]
     spec = read_spec(save_dir)
-    cert = {"passed": not problems, "problems": problems, "inputs": inputs, "samples": n,
+    cert = {"passed": not failed_required, "problems": problems, "inputs": inputs, "samples": n,
             "reference": "dygraph model, eval mode, float32, softmax",
-            "engine": "paddle-inference CPU, oneDNN on (the Predictor and service default)",
-            "top1_agreement": (n - disagree) / n, "top1_disagreements": disagree,
-            "max_abs_prob_diff": max_diff, "tolerance": {"max_abs_prob_diff": atol},
+            "engines": per_engine,
+            "top1_agreement": min(r["top1_agreement"] for r in counted),
+            "top1_disagreements": max(r["top1_disagreements"] for r in counted),
+            "max_abs_prob_diff": max(r["max_abs_prob_diff"] for r in counted),
+            "tolerance": {"max_abs_prob_diff": atol},
             "model_file": spec.model_file if spec else None, "paddle_version": paddle.__version__,
             "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     path = save_dir / CERTIFICATE_FILE
     path.write_text(json.dumps(cert, indent=2) + "\n", encoding="utf-8")
-    if problems:
+    if failed_required:
         raise ExportError(f"{path}: the exported model does not predict what the dygraph model "
                           f"predicts ({'; '.join(problems)}); do not deploy it. Try another engine "
-                          "(Predictor(enable_mkldnn=False)) and report the certificate as a bug")
+                          "(Predictor(engine=...)) and report the certificate as a bug")
     labels = np.concatenate(all_labels) if all_labels else None
     return cert, np.concatenate(all_logits), labels

@@ -154,8 +154,12 @@ def resolve_source(source, *, use_ssld=False, variant=None, arch_name=None, down
 
 
 def _numpy_dtype(tensor):
-    """numpy dtype of a Paddle tensor, or None when numpy has none (bfloat16)."""
+    """numpy dtype of a Paddle tensor, or None when Paddle cannot take numpy's (bfloat16: plain
+    numpy has no such dtype, and once ``ml_dtypes`` is imported - onnx imports it - numpy has
+    one that Paddle refuses with "Not supported numpy dtype bfloat16")."""
     name = str(tensor.dtype).replace("paddle.", "")
+    if name == "bfloat16":
+        return None
     try:
         return np.dtype(name)
     except TypeError:
