@@ -5,6 +5,7 @@
   (``stem.0.conv.weight``, ``blocks2.0.dw_conv.bn._mean``, ...).
 * ``lr_attr``: the ``ParamAttr`` PaddleClas builds for ``lr_mult_list`` (Paddle optimizers multiply
   the step by ``param.optimize_attr['learning_rate']``, so 0 freezes a parameter's update).
+* ``Conv2D``: ``nn.Conv2D`` whose depthwise case runs ppcls_ft's CPU kernel (``kernels/``).
 * ``DropPath``: stochastic depth, for any family with residual branches (Swin uses it).
 * ``check_lr_mult_list`` / ``check_stride_list``: validation that names ``Arch.<key>``.
 
@@ -30,6 +31,30 @@ def lr_attr(lr_mult: float = 1.0, no_decay: bool = False, initializer=None) -> P
                      regularizer=L2Decay(0.0) if no_decay else None)
 
 
+class Conv2D(nn.Conv2D):
+    """``nn.Conv2D`` (same parameters, state_dict keys and parameter names: the class name is what
+    Paddle derives the names from) whose depthwise case - groups == in == out channels, NCHW,
+    square stride, symmetric padding, no dilation - runs ppcls_ft's CPU kernel in dygraph on a
+    float32 CPU tensor (``ppcls_ft/kernels``: 2-10x Paddle's on these cores). Anything else, and
+    every static graph (export, ``paddle.jit``), is Paddle's own convolution."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, groups=1, **kw):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                         groups=groups, **kw)
+        st, pad, dil = self._stride, self._padding, self._dilation
+        self._fast = (groups == in_channels == out_channels and self._data_format == "NCHW"
+                      and self._padding_mode == "zeros" and isinstance(pad, int)
+                      and len(set(st)) == 1 and set(dil) == {1} and self._kernel_size[0] == self._kernel_size[1])
+
+    def forward(self, x):
+        if self._fast and paddle.in_dynamic_mode() and x.dtype == paddle.float32 and x.place.is_cpu_place():
+            from ..kernels import depthwise_op
+            op = depthwise_op()
+            if op is not None:
+                return op(x, self.weight, int(self._stride[0]), int(self._padding))
+        return super().forward(x)
+
+
 class ConvBNAct(nn.Layer):
     """``conv`` (bias-free) -> ``bn`` -> activation (``"relu"``, ``"hardswish"``, ``"relu6"`` or None).
 
@@ -46,10 +71,10 @@ class ConvBNAct(nn.Layer):
         if act is not None and act not in _ACTIVATIONS:
             raise ValueError(f"act must be one of {sorted(_ACTIVATIONS)} or None, got {act!r}")
         init = KaimingNormal() if kaiming_init else None
-        self.conv = nn.Conv2D(in_channels, out_channels, kernel_size, stride=stride,
-                              padding=(kernel_size - 1) // 2, groups=groups,
-                              weight_attr=lr_attr(lr_mult, initializer=init), bias_attr=False,
-                              data_format=data_format)
+        self.conv = Conv2D(in_channels, out_channels, kernel_size, stride=stride,
+                           padding=(kernel_size - 1) // 2, groups=groups,
+                           weight_attr=lr_attr(lr_mult, initializer=init), bias_attr=False,
+                           data_format=data_format)
         self.bn = nn.BatchNorm2D(out_channels, weight_attr=lr_attr(lr_mult, bn_no_decay),
                                  bias_attr=lr_attr(lr_mult, bn_no_decay), data_format=data_format)
         self.act = _ACTIVATIONS[act]() if act else None

@@ -1,0 +1,96 @@
+"""Faster CPU training kernels: Paddle custom operators built on first use, the stock kernels
+wherever they cannot run.
+
+``depthwise_conv.cc``: depthwise convolution forward and backward (why by hand: its header).
+``models/layers.py``'s ``conv2d`` gives every depthwise convolution of the CNN families a layer
+that calls it in dygraph on the CPU in float32; everything else (static graphs, so exports and
+``paddle.jit``; GPUs; AMP dtypes; dilation; rectangular strides) runs Paddle's own ``conv2d``, so
+an exported model never contains the custom operator.
+
+The operator is compiled once per machine with ``paddle.utils.cpp_extension.load`` (gcc, about
+15 s) into ``~/.cache/ppcls_ft/kernels/<paddle version>-<source hash>`` (``PPCLS_FT_KERNEL_DIR``
+moves it), under a file lock so that the ranks of a multi-process run build it once. A build that
+fails (no compiler, no Python headers) is logged once with its reason and the stock kernels serve;
+so does ``PPCLS_FT_KERNELS=stock`` in the environment. Values equal the stock kernel's (the
+forward bit for bit, gradients within 1e-6 relative; tests/test_kernels.py).
+"""
+import contextlib
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+_SOURCE = Path(__file__).with_name("depthwise_conv.cc")
+_STATE = {"tried": False, "op": None, "error": None}
+
+
+def enabled():
+    return os.environ.get("PPCLS_FT_KERNELS", "auto").strip().lower() not in ("stock", "0", "off")
+
+
+def build_dir():
+    import paddle
+
+    digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
+    root = os.environ.get("PPCLS_FT_KERNEL_DIR") or Path.home() / ".cache" / "ppcls_ft" / "kernels"
+    return Path(root) / f"paddle{paddle.__version__}-{digest}"
+
+
+def _build():
+    import fcntl
+
+    import paddle
+    from paddle.utils.cpp_extension import load
+
+    from ..utils.captured import captured_output
+
+    out_dir = build_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    libs = Path(paddle.__file__).parent / "libs"
+    # libiomp5 is Paddle's OpenMP runtime (see depthwise_conv.cc); -march=native: the build is
+    # per machine, and the cache directory is too unless PPCLS_FT_KERNEL_DIR is shared.
+    flags = {"extra_cxx_cflags": ["-O3", "-march=native", "-fopenmp", "-DNDEBUG"],
+             "extra_ldflags": [f"-L{libs}", "-l:libiomp5.so", f"-Wl,-rpath,{libs}"]}
+    with open(out_dir / ".lock", "w") as lock, captured_output() as log:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            module = load(name="ppcls_ft_dwconv", sources=[str(_SOURCE)], build_directory=str(out_dir),
+                          verbose=False, **flags)
+        except Exception as exc:  # noqa: BLE001 - a compiler error is any exception; we fall back
+            raise RuntimeError(f"{exc}; build log: {log.text()[-1500:]}") from None
+    return module.ppcls_dwconv
+
+
+def depthwise_op():
+    """The compiled operator, or None (disabled, or the build failed: logged once)."""
+    if not _STATE["tried"]:
+        _STATE["tried"] = True
+        if enabled():
+            try:
+                _STATE["op"] = _build()
+            except Exception as exc:  # noqa: BLE001
+                _STATE["error"] = str(exc)
+                logging.getLogger("ppcls_ft").warning(
+                    f"fast CPU kernels unavailable, using Paddle's own ({str(exc)[:500]}); set "
+                    "PPCLS_FT_KERNELS=stock to skip the build")
+    return _STATE["op"]
+
+
+def status():
+    """One line for the start-up banner."""
+    if not enabled():
+        return "stock kernels (PPCLS_FT_KERNELS=stock)"
+    if not _STATE["tried"]:
+        return "ppcls_ft CPU kernels: built on first use"
+    return "ppcls_ft CPU kernels: depthwise conv" if _STATE["op"] else "stock kernels (build failed)"
+
+
+@contextlib.contextmanager
+def stock():
+    """Within the block, every layer uses Paddle's own kernels (tests compare the two)."""
+    saved = dict(_STATE)
+    _STATE.update(tried=True, op=None)
+    try:
+        yield
+    finally:
+        _STATE.update(saved)

@@ -1,0 +1,120 @@
+"""ppcls_ft's CPU training kernels (ppcls_ft/kernels): the depthwise convolution custom operator
+against Paddle's own kernel, inside the models, and its fallbacks."""
+import json
+import logging
+import shutil
+
+import numpy as np
+import paddle
+import pytest
+
+from ppcls_ft import kernels
+from ppcls_ft.models import build_model
+from ppcls_ft.models.layers import Conv2D
+
+F = paddle.nn.functional
+
+
+@pytest.fixture(scope="module")
+def op():
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler on this machine: the stock kernels serve (tested below)")
+    built = kernels.depthwise_op()
+    assert built is not None, f"the kernel build failed: {kernels._STATE['error']}"
+    return built
+
+
+def _run(fn, xn, wn, gn):
+    x = paddle.to_tensor(xn, stop_gradient=False)
+    w = paddle.to_tensor(wn, stop_gradient=False)
+    y = fn(x, w)
+    y.backward(paddle.to_tensor(gn))
+    return y.numpy(), x.grad.numpy(), w.grad.numpy()
+
+
+@pytest.mark.parametrize("n,c,h,w,k,s", [(2, 3, 7, 7, 3, 1), (2, 4, 8, 8, 3, 2), (3, 5, 9, 11, 5, 2),
+                                         (1, 2, 6, 5, 5, 1), (2, 3, 5, 5, 3, 2), (2, 6, 13, 10, 3, 2),
+                                         (1, 3, 4, 4, 7, 1), (2, 2, 9, 9, 3, 3)])
+def test_values_and_gradients_equal_paddles_kernel(op, n, c, h, w, k, s):
+    rng = np.random.default_rng(n * 100 + k * 10 + s)
+    p = (k - 1) // 2
+    xn = rng.standard_normal([n, c, h, w]).astype(np.float32)
+    wn = rng.standard_normal([c, 1, k, k]).astype(np.float32)
+    oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    gn = rng.standard_normal([n, c, oh, ow]).astype(np.float32)
+    ref = _run(lambda x, wt: F.conv2d(x, wt, stride=s, padding=p, groups=c), xn, wn, gn)
+    ours = _run(lambda x, wt: op(x, wt, s, p), xn, wn, gn)
+    for name, a, b in zip(("output", "input gradient", "weight gradient"), ref, ours):
+        assert a.shape == b.shape, name
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-4 * max(1.0, np.abs(a).max()), err_msg=name)
+
+
+@pytest.mark.parametrize("name", ["MobileNetV2", "PPLCNet_x0_25"])
+def test_models_train_alike_with_either_kernel(op, name):
+    """Forward bit-equal, every parameter gradient within 1e-4 of the largest, one model."""
+    model = build_model({"name": name, "class_num": 4}, load_weights=False)
+    model.train()
+    x = paddle.to_tensor(np.random.default_rng(1).standard_normal([4, 3, 48, 48]).astype(np.float32))
+    y = paddle.to_tensor(np.arange(4))
+    fast = [m for m in model.sublayers() if isinstance(m, Conv2D) and m._fast]
+    assert fast, "no depthwise layer took the fast path"
+
+    def step():
+        paddle.seed(7)  # PPLCNet's dropout draws the same mask both times
+        logits = model(x)
+        F.cross_entropy(logits, y).backward()
+        grads = {k: p.grad.numpy().copy() for k, p in model.named_parameters() if p.grad is not None}
+        model.clear_gradients()
+        return logits.numpy(), grads
+
+    with kernels.stock():
+        ref_logits, ref = step()
+    logits, ours = step()
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    scale = max(np.abs(g).max() for g in ref.values())
+    assert ref.keys() == ours.keys()
+    for key in ref:
+        np.testing.assert_allclose(ours[key], ref[key], atol=1e-4 * scale, err_msg=key)
+
+
+def test_parameter_names_and_keys_are_paddles(op):
+    """Optimizer state (.pdopt) is keyed by parameter names, which Paddle derives from the layer
+    class name: they must be those of nn.Conv2D, for our older checkpoints and PaddleClas's."""
+    layer = Conv2D(8, 8, 3, padding=1, groups=8, bias_attr=False)
+    plain = paddle.nn.Conv2D(8, 8, 3, padding=1, groups=8, bias_attr=False)
+    assert layer.weight.name.split("_")[0] == plain.weight.name.split("_")[0] == "conv2d"
+    assert list(layer.state_dict()) == list(plain.state_dict()) == ["weight"]
+    assert layer._fast and not Conv2D(8, 16, 3, groups=8)._fast and not Conv2D(8, 8, 3, groups=1)._fast
+    assert not Conv2D(8, 8, 3, groups=8, dilation=2)._fast and not Conv2D(8, 8, 3, groups=8, stride=[2, 1])._fast
+
+
+def test_an_export_holds_only_paddles_convolution(op, tmp_path):
+    from ppcls_ft.engine.export import export_dygraph
+    model = build_model({"name": "PPLCNet_x0_25", "class_num": 3}, load_weights=False)
+    out = export_dygraph(model, tmp_path, [3, 32, 32], [{"ToCHWImage": None}], export_onnx=False)
+    graph = (out / "inference.json").read_text()
+    assert "ppcls_dwconv" not in graph  # a static graph takes Paddle's convolution
+    assert "conv2d" in graph
+    assert json.loads((out / "export_certificate.json").read_text())["passed"]
+
+
+def test_stock_setting_and_a_failed_build_fall_back_to_paddles_kernel(monkeypatch, caplog):
+    x = paddle.to_tensor(np.random.default_rng(2).standard_normal([1, 4, 6, 6]).astype(np.float32))
+    layer = Conv2D(4, 4, 3, padding=1, groups=4, bias_attr=False)
+    ref = F.conv2d(x, layer.weight, padding=1, groups=4).numpy()
+    monkeypatch.setattr(kernels, "_STATE", {"tried": False, "op": None, "error": None})
+    monkeypatch.setenv("PPCLS_FT_KERNELS", "stock")
+    assert kernels.depthwise_op() is None and "PPCLS_FT_KERNELS=stock" in kernels.status()
+    np.testing.assert_array_equal(layer(x).numpy(), ref)
+
+    monkeypatch.setattr(kernels, "_STATE", {"tried": False, "op": None, "error": None})
+    monkeypatch.delenv("PPCLS_FT_KERNELS")
+
+    def broken():
+        raise RuntimeError("g++: not found")
+
+    monkeypatch.setattr(kernels, "_build", broken)
+    with caplog.at_level(logging.WARNING, logger="ppcls_ft"):
+        np.testing.assert_array_equal(layer(x).numpy(), ref)
+    assert "fast CPU kernels unavailable" in caplog.text and "g++: not found" in caplog.text
+    assert kernels.status() == "stock kernels (build failed)"
