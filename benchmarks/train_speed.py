@@ -81,10 +81,15 @@ DEFAULT_MODELS = ("ResNet50:8", "SwinTransformer_tiny_patch4_window7_224:8", "Mo
                   "PPLCNet_x1_0:32")
 PADDLE_VERSION = "3.3.1"  # what PaddleClas's venv gets: the version ppcls_ft is developed on
 FT, PC = "ppcls_ft", "PaddleClas"
+# ppcls_ft with Paddle's own kernels everywhere (PPCLS_FT_KERNELS=stock): what its depthwise
+# convolution kernel (ppcls_ft/kernels) adds, measured in the same run; only for the families
+# that have depthwise layers.
+FT_STOCK = "ppcls_ft, stock kernels"
+DEPTHWISE_FAMILIES = ("MobileNet", "PPLCNet")
 ITER_LINE = re.compile(r"\[Train\]\[Epoch (\d+)/\d+\]\[Iter: (\d+)/(\d+)\]")
 AVG_LINE = re.compile(r"\[Train\]\[Epoch (\d+)/\d+\]\[Avg\]")
 # The first iteration's number in each trainer's log: PaddleClas counts from 0, ppcls_ft from 1.
-FIRST_ITER = {FT: 1, PC: 0}
+FIRST_ITER = {FT: 1, FT_STOCK: 1, PC: 0}
 GIB = 1024 ** 3
 
 
@@ -199,6 +204,7 @@ def commands(config, opts, pc_python, pc_src):
     """{trainer: (argv, cwd)}: each trainer's own tools/train.py, run from its own tree."""
     tail = ["-c", str(config)] + [x for o in opts for x in ("-o", o)]
     cmds = {FT: ([sys.executable, str(REPO / "tools" / "train.py")] + tail, str(REPO))}
+    cmds[FT_STOCK] = cmds[FT]
     if pc_python is not None:
         cmds[PC] = ([str(pc_python), str(Path(pc_src) / "tools" / "train.py")] + tail, str(pc_src))
     return cmds
@@ -209,8 +215,11 @@ def child_env(tool=FT):
     set MKL_DEBUG_CPU_TYPE=5 on an AMD CPU (PaddleClas gets the same MKL path, not a slower one).
     Only PYTHONPATH differs: this checkout for ppcls_ft, none for PaddleClas's own venv."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if tool == FT:
+    env.pop("PPCLS_FT_KERNELS", None)
+    if tool in (FT, FT_STOCK):
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+        if tool == FT_STOCK:
+            env["PPCLS_FT_KERNELS"] = "stock"
     else:
         env.pop("PYTHONPATH", None)
     return env
@@ -378,7 +387,8 @@ def bench_model(spec, args, source, pc, workdir, threads):
     fwd, macs = forward_rate(arch, data[2], bs, size, threads, args, workdir)
     print(f"{name} bs{bs}: paddle-inference forward {fwd:.2f} images/s, {macs / 1e9:.4g} GMACs/image",
           flush=True)
-    order = ([FT, PC, PC, FT] if pc[0] is not None else [FT, FT]) * args.repeats
+    first = [FT, FT_STOCK] if args.stock_kernels and arch.startswith(DEPTHWISE_FAMILIES) else [FT]
+    order = (first + ([PC, PC] if pc[0] is not None else []) + first[::-1]) * args.repeats
     runs = {tool: [] for tool in dict.fromkeys(order)}
     for k, tool in enumerate(order):
         out_dir = workdir / name / f"output_{k}"
@@ -456,6 +466,9 @@ def runs_note(args, pc):
     extra = ((", the workers" if args.workers >= 0 else "")
              + (", the RandCropImage size" if args.image_size else ""))
     order = "ppcls_ft, PaddleClas, PaddleClas, ppcls_ft" if pc else "ppcls_ft, ppcls_ft"
+    if args.stock_kernels:
+        order += (f" (for {' and '.join(DEPTHWISE_FAMILIES)}: ppcls_ft, {FT_STOCK}, ..., {FT_STOCK}, "
+                  f"ppcls_ft; {FT_STOCK} is ppcls_ft with PPCLS_FT_KERNELS=stock)")
     return (f"- runs: each config from `{args.configs}` with the same `-o` overrides for both: "
             "`Global.device=cpu Global.epochs=E Global.eval_during_train=False "
             "Global.print_batch_step=1 Global.save_interval=E+1 Global.use_visualdl=False "
@@ -526,6 +539,8 @@ def parse_args(argv):
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations at each epoch's start")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=1, help="ABBA blocks per model")
+    parser.add_argument("--no-stock-kernels", dest="stock_kernels", action="store_false",
+                        help="skip the ppcls_ft run with Paddle's own kernels (PPCLS_FT_KERNELS=stock)")
     parser.add_argument("--workers", type=int, default=2, help="loader workers; -1: the config's")
     parser.add_argument("--image-size", type=int, default=None, help="training crop (default: config's)")
     parser.add_argument("--fwd-iters", type=int, default=10)
