@@ -49,7 +49,7 @@ EMA_SCHEMA = {"decay": NUMBER}
 # Our fine-tuning strategies (docs/finetuning.md). Each key is one knob.
 FINETUNE_SCHEMA = {
     "freeze_backbone_epochs": (int,), "unfreeze_lr_factor": NUMBER, "linear_probe": (bool,),
-    "layer_decay": (float, int, None), "freeze_bn_stats": (bool,),
+    "layer_decay": (float, int, None), "freeze_bn_stats": (bool,), "feature_cache_mb": NUMBER,
 }
 LOADER_SCHEMA = {"num_workers": (int,), "use_shared_memory": (bool,)}
 TOPK_SCHEMA = {"name": (str,), "topk": (int,), "class_id_map_file": (str, None)}

@@ -7,6 +7,7 @@ FineTune:
   unfreeze_lr_factor: 0.1       # after unfreezing, backbone lr = factor x scheduled lr
   layer_decay: 0.75             # layer-wise lr decay: lr x decay^(depth from the head)
   freeze_bn_stats: False        # every batch norm uses and keeps its pretrained statistics
+  feature_cache_mb: 2048        # frozen epochs: cache the backbone's features up to this size
 ```
 
 Why: a randomly initialised head sends large gradients into pretrained features; training the head
@@ -59,6 +60,7 @@ class FineTuneStrategy:
     @classmethod
     def from_config(cls, section, model, epochs):
         section = dict(section or {})
+        section.pop("feature_cache_mb", None)  # engine/frozen.py's setting
         return cls(epochs=epochs, **section)
 
     @property

@@ -30,6 +30,7 @@ from .analysis import ClassStats, format_per_class
 from .checkpoint import build_states, float32_state, save_checkpoint
 from .diagnosis import diagnose, early_stop, format_diagnosis
 from .evaluate import Average, evaluate, loss_keys
+from .frozen import FrozenBackbone
 from .report import class_results, write_run_report
 from .results import resume_hint, write_results
 from .run_guard import RunStopped, stop_requested
@@ -63,6 +64,7 @@ class Trainer:
         self._loss_keys = loss_keys(parts.train_loss, self.inner.class_num)  # fixed all-reduce layout
         self._last_stats = self._best_stats = None  # (epoch, analysis.ClassStats) of evals
         self._best_results = None
+        self.frozen = FrozenBackbone(parts, self.inner, self.log)
         if parts.batch_op is not None:
             self.log.info("train top-k is not reported: the batch operator mixes labels, so accuracy "
                           "against one label is meaningless (eval top-k is unaffected)")
@@ -81,11 +83,14 @@ class Trainer:
         if strategy.active or strategy.freeze_bn_stats:
             self.log.info(f"fine-tuning strategy: {strategy.describe()}")
         diverged_at = stopped = stopped_by = None
+        began = time.time()
         try:
             for epoch in range(self.state.epoch + 1, self.epochs + 1):
                 record = self.train_epoch(epoch)
                 self.sync_running_stats()
                 record.update(self.maybe_evaluate(epoch))
+                # wall time of this process so far, evaluation included: "minutes to 0.90"
+                record["elapsed_seconds"] = round(time.time() - began, 2)
                 self.state.history.append(record)
                 self.state.epoch = epoch
                 self.save_epoch(epoch, record)
@@ -142,13 +147,16 @@ class Trainer:
             p.train_metrics.reset()
         iters = p.steps_per_epoch * p.update_freq  # a partial accumulation group at the end is dropped
         avgs, batch_t, reader_t, seen, skipped = {}, Average(), Average(), 0, 0
-        start = tic = time.time()
-        for it, (images, labels, n_skipped) in enumerate(iterate(p.train_loader), 1):
+        start = time.time()
+        # a frozen backbone: forward-only, or its cached features (engine/frozen.py)
+        forward, batches = self.frozen.plan(epoch) or (None, None)
+        tic = time.time()
+        for it, (images, labels, n_skipped) in enumerate(batches or iterate(p.train_loader), 1):
             if it > iters:
                 break
             skipped += int(np.asarray(n_skipped).sum())
             reader_t.add(time.time() - tic)
-            losses, n_global = self.train_step(images, labels, it, epoch)
+            losses, n_global = self.train_step(images, labels, it, epoch, forward)
             for k, v in losses.items():
                 avgs.setdefault(k, Average()).add(v, n_global)
             seen += int(images.shape[0])
@@ -171,8 +179,9 @@ class Trainer:
             self.log.warning(f"{skipped} unreadable images were skipped this epoch (see warnings above)")
         return record
 
-    def train_step(self, images, labels, it, epoch):
+    def train_step(self, images, labels, it, epoch, forward=None):
         """Batch op, autocast, forward, loss, agree, backward, step on accumulation boundaries.
+        ``forward`` replaces the model's (a frozen backbone's fast path: engine/frozen.py).
 
         Returns ``(loss means over every rank's images, their count)``; ``({}, 0)`` when skipped.
         """
@@ -202,7 +211,7 @@ class Trainer:
             if p.batch_op is not None:
                 images, targets = p.batch_op(images, labels)
             with p.amp.autocast():
-                logits = self.model(images)
+                logits = (forward or self.model)(images)
             logits = logits.astype("float32")  # loss and metrics in fp32 under AMP
             losses = p.train_loss(logits, targets)
             means, count = self._agree(losses, n, where)
