@@ -36,6 +36,27 @@ def build_dir():
     return Path(root) / f"paddle{paddle.__version__}-{digest}"
 
 
+NAME = "ppcls_ft_dwconv"
+
+
+def _load_built(out_dir):
+    """The operator from an earlier build in ``out_dir``, or None. Registering the library
+    directly takes milliseconds; ``cpp_extension.load`` re-checks the build (about 1.5 s per
+    process) and writes a new Python wrapper file each time."""
+    library = out_dir / NAME / f"{NAME}.so"
+    if not library.is_file():
+        return None
+    from paddle import _C_ops
+    from paddle.utils.cpp_extension import load_op_meta_info_and_register_op
+
+    load_op_meta_info_and_register_op(str(library))
+
+    def ppcls_dwconv(x, weight, stride, padding):
+        return _C_ops._run_custom_op("ppcls_dwconv", x, weight, stride, padding)[0]
+
+    return ppcls_dwconv
+
+
 def _build():
     import fcntl
 
@@ -46,6 +67,9 @@ def _build():
 
     out_dir = build_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
+    op = _load_built(out_dir)
+    if op is not None:
+        return op
     libs = Path(paddle.__file__).parent / "libs"
     # libiomp5 is Paddle's OpenMP runtime (see depthwise_conv.cc); -march=native: the build is
     # per machine, and the cache directory is too unless PPCLS_FT_KERNEL_DIR is shared.
@@ -53,8 +77,11 @@ def _build():
              "extra_ldflags": [f"-L{libs}", "-l:libiomp5.so", f"-Wl,-rpath,{libs}"]}
     with open(out_dir / ".lock", "w") as lock, captured_output() as log:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        op = _load_built(out_dir)  # another process built it while this one waited
+        if op is not None:
+            return op
         try:
-            module = load(name="ppcls_ft_dwconv", sources=[str(_SOURCE)], build_directory=str(out_dir),
+            module = load(name=NAME, sources=[str(_SOURCE)], build_directory=str(out_dir),
                           verbose=False, **flags)
         except Exception as exc:  # noqa: BLE001 - a compiler error is any exception; we fall back
             raise RuntimeError(f"{exc}; build log: {log.text()[-1500:]}") from None
