@@ -57,7 +57,7 @@ class Predictor:
         self.postprocess = Postprocessor.from_spec(spec, topk, label_names, reject_threshold)
         engine = engine or ("auto" if enable_mkldnn else "native")
         if engine not in ENGINE_CHOICES:
-            raise ConfigError("engine", f"must be one of {', '.join(ENGINE_CHOICES)}, got {engine!r}")
+            raise ConfigError("Global.engine", f"must be one of {', '.join(ENGINE_CHOICES)}, got {engine!r}")
         device = str(device).lower()
         if device.startswith("gpu"):
             self.plan = EnginePlan.single("gpu")

@@ -140,12 +140,12 @@ class OnnxRunner:
         try:
             import onnxruntime
         except ImportError:
-            raise ConfigError("engine", "onnxruntime is not installed: pip install onnxruntime "
-                                        "(the [cpu] extra has it), or choose engine=onednn") from None
+            raise ConfigError("Global.engine", "onnxruntime is not installed: pip install onnxruntime "
+                              "(the [cpu] extra has it), or choose engine onednn") from None
         if not Path(onnx_file).is_file():
-            raise ConfigError("engine", f"{str(onnx_file)!r} does not exist: the model was exported "
-                              "without paddle2onnx; export it again with Global.export_onnx=True, or "
-                              "choose engine=onednn")
+            raise ConfigError("Global.engine", f"{str(onnx_file)!r} does not exist: the model was "
+                              "exported without paddle2onnx; export it again with "
+                              "Global.export_onnx=True, or choose engine onednn")
         opts = onnxruntime.SessionOptions()
         opts.intra_op_num_threads = int(cpu_threads or available_cores())
         opts.inter_op_num_threads = 1  # one graph at a time; the intra-op pool uses every core
@@ -169,8 +169,9 @@ def make_runner(model_dir, model_file, params_file, engine, **kw):
 
 
 class EnginePlan:
-    """Which engine serves a call of ``n`` images: ``{batch size: engine}``, nearest size wins
-    (the smallest recorded size >= n, else the largest)."""
+    """Which engine serves a call of ``n`` images: ``{batch size: engine}``; the entry of the
+    smallest recorded size at or above ``n`` serves it, else the largest's. (The export records
+    batch 1 and the serving batch, so a call of 2 goes to the serving batch's winner.)"""
 
     def __init__(self, by_batch):
         self.by_batch = {int(k): str(v) for k, v in by_batch.items()}
@@ -201,7 +202,7 @@ def plan_from_spec(spec, model_dir):
     engine this machine cannot run (no onnxruntime, no ``inference.onnx``) replaced by oneDNN;
     oneDNN when the export recorded nothing (older exports, PaddleClas exports)."""
     record = (getattr(spec, "engines", None) or {}).get("fastest") or {}
-    usable = {"onednn", "native", "openvino"}
+    usable = set(PADDLE_CPU_ENGINES)
     if onnxruntime_available() and (Path(model_dir) / ONNX_FILE).is_file():
         usable.add("onnxruntime")
     plan = {int(bs): (engine if engine in usable else "onednn") for bs, engine in record.items()}

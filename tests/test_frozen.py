@@ -79,9 +79,8 @@ def test_freeze_then_unfreeze_caches_only_the_frozen_epochs(tmp_path, tiny_datas
     assert trainer.frozen.features is not None
     s1 = {k: v.numpy().copy() for k, v in parts.model.state_dict().items()}
     assert all(np.array_equal(s0[k], s1[k]) for k in s0 if not k.startswith("fc."))
-    trainer.train_epoch(2)
-    assert not parts.strategy.frozen and trainer.frozen.plan(2) is None
-    assert trainer.frozen.features is None  # freed once the backbone trains for good
+    trainer.train_epoch(2)  # its plan() frees the cache once the backbone trains for good
+    assert not parts.strategy.frozen and trainer.frozen.features is None
     s2 = {k: v.numpy() for k, v in parts.model.state_dict().items()}
     assert not np.array_equal(s1["conv1.conv.weight"], s2["conv1.conv.weight"])
 
@@ -93,3 +92,21 @@ def test_cache_blockers():
     assert "batch operator" in frozen.cache_blocker(fixed, object())
     jitter = {"DataLoader": {"Train": {"dataset": {"transform_ops": [{"ColorJitter": {}}]}}}}
     assert "ColorJitter" in frozen.cache_blocker(jitter, None)
+    resize = {"DataLoader": {"Train": {"dataset": {"transform_ops": [
+        {"ResizeImage": {"resize_short": 32, "interpolation": "random"}}]}}}}
+    assert "ResizeImage" in frozen.cache_blocker(resize, None)  # bilinear or bicubic per call
+
+
+def test_a_frozen_backbone_is_in_eval_mode_its_dropout_too(tmp_path, tiny_dataset):
+    """On any number of processes (strategies.train_mode), so 1 and N processes train alike."""
+    cfg = make_cfg(tmp_path, tiny_dataset, name="modes", epochs=2,
+                   overrides=["FineTune.freeze_backbone_epochs=1"])
+    parts = build_train_parts(cfg)
+    model, strategy = parts.model, parts.strategy
+    strategy.begin_epoch(model, 1)
+    strategy.train_mode(model)
+    assert not model.dropout.training and not model.blocks2[0].dw_conv.bn.training
+    assert model.fc.training
+    strategy.begin_epoch(model, 2)
+    strategy.train_mode(model)
+    assert model.dropout.training and model.blocks2[0].dw_conv.bn.training

@@ -85,6 +85,7 @@ def test_parameter_names_and_keys_are_paddles(op):
     assert layer.weight.name.split("_")[0] == plain.weight.name.split("_")[0] == "conv2d"
     assert list(layer.state_dict()) == list(plain.state_dict()) == ["weight"]
     assert layer._fast and not Conv2D(8, 16, 3, groups=8)._fast and not Conv2D(8, 8, 3, groups=1)._fast
+    assert not Conv2D(8, 8, 3, padding=1, groups=8)._fast  # a bias: the kernel adds none
     assert not Conv2D(8, 8, 3, groups=8, dilation=2)._fast and not Conv2D(8, 8, 3, groups=8, stride=[2, 1])._fast
 
 

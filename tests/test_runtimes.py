@@ -75,6 +75,43 @@ def test_auto_predictor_follows_the_record_and_every_engine_matches_dygraph(mode
         np.testing.assert_allclose(served.run_graph(batch), ref, atol=1e-5)
 
 
+def test_a_mixed_plan_sends_each_chunk_to_its_engine(model, auto_export, monkeypatch):
+    served = Predictor(auto_export, batch_size=4)
+    served.plan = EnginePlan({1: "onnxruntime", 4: "onednn"})
+    served.runners = {name: Predictor(auto_export, engine=name, batch_size=4).run_graph
+                      for name in ("onnxruntime", "onednn")}
+    calls = []
+    for name, run in list(served.runners.items()):
+        served.runners[name] = (lambda n, r: lambda b: calls.append((n, len(b))) or r(b))(name, run)
+    batch = np.random.default_rng(2).standard_normal([5] + SHAPE).astype(np.float32)
+    np.testing.assert_allclose(served.run_graph(batch), dygraph_probs(model, batch), atol=1e-5)
+    assert calls == [("onednn", 4), ("onnxruntime", 1)]
+
+
+def test_onnx_runtime_that_cannot_start_or_run_is_left_out(model, tmp_path, monkeypatch):
+    def refuse(self, *a, **k):
+        raise RuntimeError("Unsupported model IR version")
+
+    monkeypatch.setattr(runtimes.OnnxRunner, "__init__", refuse)
+    out = export_dygraph(model, tmp_path / "start", SHAPE, EVAL_OPS, LABELS)
+    assert not (out / "inference.onnx").exists() and Predictor(out).engine == "onednn"
+    assert json.loads((out / "export_certificate.json").read_text())["passed"]
+    monkeypatch.undo()
+
+    def crash(self, batch):
+        raise RuntimeError("Non-zero status code returned while running Conv node")
+
+    monkeypatch.setattr(runtimes.OnnxRunner, "__call__", crash)
+    out = export_dygraph(model, tmp_path / "run", SHAPE, EVAL_OPS, LABELS)
+    cert = json.loads((out / "export_certificate.json").read_text())
+    assert cert["passed"] and not cert["engines"]["onnxruntime"]["passed"]
+    assert "Non-zero status code" in cert["engines"]["onnxruntime"]["problems"][0]
+    assert not (out / "inference.onnx").exists() and Predictor(out).engine == "onednn"
+    with pytest.raises(ExportError, match="onnxruntime failed.*Non-zero status code.*export_onnx: null"):
+        export_dygraph(model, tmp_path / "asked", SHAPE, EVAL_OPS, LABELS, export_onnx=True)
+    assert not (tmp_path / "asked" / "inference.onnx").exists()
+
+
 def test_auto_falls_back_to_onednn_where_onnx_cannot_run(auto_export, tmp_path, monkeypatch):
     plan = EnginePlan({1: "onnxruntime", 8: "onnxruntime"})
     spec = type("Spec", (), {"engines": {"fastest": plan.by_batch}})()
@@ -110,8 +147,9 @@ def test_an_onnx_file_that_disagrees_is_never_served(model, tmp_path, monkeypatc
     assert cert["max_abs_prob_diff"] == cert["engines"]["onednn"]["max_abs_prob_diff"] < 1e-5
     assert yaml.safe_load((out / "inference.yml").read_text())["Engine"] == {"certified": ["onednn"]}
     assert Predictor(out).engine == "onednn"
-    with pytest.raises(ExportError, match="onnxruntime: largest probability difference"):
+    with pytest.raises(ExportError, match="onnxruntime: largest probability difference.*export_onnx: null"):
         export_dygraph(model, tmp_path / "asked", SHAPE, EVAL_OPS, LABELS, export_onnx=True)
+    assert not (tmp_path / "asked" / "inference.onnx").exists()  # no uncertified graph left
 
 
 def test_time_engines_interleaves_and_measures_every_size():

@@ -464,6 +464,21 @@ def _split_entry(entry, where):
     return str(name), kwargs
 
 
+# Ops whose output depends only on the image (and their parameters): what the frozen backbone's
+# feature cache may rely on (engine/frozen.py). Every other op, and an op not listed, is random.
+DETERMINISTIC_OPS = frozenset({"DecodeImage", "ResizeImage", "CropImage", "NormalizeImage", "ToCHWImage"})
+
+
+def is_deterministic(op):
+    """True when the ``{name: params}`` op gives the same output for the same image every call."""
+    name = next(iter(op)) if isinstance(op, dict) else str(op)
+    params = (op.get(name) if isinstance(op, dict) else None) or {}
+    if name not in DETERMINISTIC_OPS:
+        return False
+    # ResizeImage's interpolation: random draws bilinear or bicubic per call
+    return str(params.get("interpolation") or "").lower() != "random"
+
+
 def build_transforms(ops_list, path: str = "transform_ops") -> Compose:
     """Build the YAML list ``[{Name: {kwargs} | None}, ...]`` into one ``Compose``.
 

@@ -63,6 +63,7 @@ class _Tally:
 
     def __init__(self, atol):
         self.atol, self.max_diff, self.disagree, self.real_disagree = atol, 0.0, 0, 0
+        self.error = None  # the engine raised instead of answering
 
     def add(self, ref, served):
         self.max_diff = max(self.max_diff, float(np.abs(ref - served).max()))
@@ -73,6 +74,9 @@ class _Tally:
         self.real_disagree += int((differs & (top2[:, 1] - top2[:, 0] > 2 * self.atol)).sum())
 
     def report(self, n):
+        if self.error is not None:
+            return {"passed": False, "problems": [f"the engine failed: {self.error}"],
+                    "top1_agreement": None, "top1_disagreements": None, "max_abs_prob_diff": None}
         problems = []
         if self.max_diff > self.atol:
             problems.append(f"largest probability difference {self.max_diff:.3g} > "
@@ -114,7 +118,18 @@ def certify(model, save_dir, batches, inputs, atol=DEFAULT_ATOL, runners=None, r
                 logits = model(paddle.to_tensor(images)).astype("float32").numpy()
             ref = softmax(logits)
             for name, run in runners.items():
-                tallies[name].add(ref, run(images).astype(np.float64))
+                if tallies[name].error is not None:
+                    continue
+                try:
+                    served = run(images)
+                except Exception as exc:  # noqa: BLE001 - an optional engine may fail in any way
+                    if name in required:
+                        raise ExportError(f"{save_dir}: {name} failed on the exported graph ({exc})"
+                                          + ("; Global.export_onnx: null ships the model without "
+                                             "ONNX" if name == "onnxruntime" else "")) from exc
+                    tallies[name].error = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    continue
+                tallies[name].add(ref, served.astype(np.float64))
             n += len(images)
             all_logits.append(logits)
             if labels is not None:
@@ -128,7 +143,8 @@ def certify(model, save_dir, batches, inputs, atol=DEFAULT_ATOL, runners=None, r
     per_engine = {name: {"engine": ENGINE_TITLES.get(name, name), **tally.report(n)}
                   for name, tally in tallies.items()}
     failed_required = [name for name in required if not per_engine[name]["passed"]]
-    counted = [r for name, r in per_engine.items() if r["passed"] or failed_required]
+    counted = [r for name, r in per_engine.items()
+               if r["max_abs_prob_diff"] is not None and (r["passed"] or failed_required)]
     problems = [f"{name}: {p}" for name in sorted(failed_required) for p in per_engine[name]["problems"]]
     spec = read_spec(save_dir)
     cert = {"passed": not failed_required, "problems": problems, "inputs": inputs, "samples": n,
@@ -143,8 +159,11 @@ def certify(model, save_dir, batches, inputs, atol=DEFAULT_ATOL, runners=None, r
     path = save_dir / CERTIFICATE_FILE
     path.write_text(json.dumps(cert, indent=2) + "\n", encoding="utf-8")
     if failed_required:
+        hint = ("Global.export_onnx: null ships the model without ONNX when only ONNX Runtime "
+                "disagrees" if "onnxruntime" in failed_required else
+                "check the model; Export.certify_atol sets the tolerance")
         raise ExportError(f"{path}: the exported model does not predict what the dygraph model "
-                          f"predicts ({'; '.join(problems)}); do not deploy it. Try another engine "
-                          "(Predictor(engine=...)) and report the certificate as a bug")
+                          f"predicts ({'; '.join(problems)}); do not deploy it ({hint}) and report "
+                          "the certificate as a bug")
     labels = np.concatenate(all_labels) if all_labels else None
     return cert, np.concatenate(all_logits), labels

@@ -26,7 +26,7 @@ import paddle
 
 from ..calibration import ECE_BINS, calibration_report
 from ..data.dataset import class_folders
-from ..errors import ConfigError
+from ..errors import ConfigError, ExportError
 from ..inference_format import (EXPORT_FILES, MODEL_FORMATS, InferenceSpec, complete_preprocess,
                                 read_label_file, write_spec)
 
@@ -156,18 +156,21 @@ def export_dygraph(model, save_dir, image_shape, preprocess_ops, label_names=Non
     batches, inputs = certify_on or random_batches(image_shape)
     # ONNX Runtime must pass when the user asked for ONNX; in auto mode a failing ONNX file is
     # deleted and never served (the certificate still records why).
-    from ..predictor import Predictor
-    runners = {name: Predictor(save_dir, engine=name, batch_size=serve_batch).run_graph
-               for name in engines}
-    cert, logits, labels = certify(model, save_dir, batches, inputs, certify_atol, runners,
-                                   required=engines if export_onnx else ["onednn"])
-    certified = [name for name in engines if cert["engines"][name]["passed"]]
+    runners = _runners(save_dir, engines, serve_batch, required=bool(export_onnx))
+    try:
+        cert, logits, labels = certify(model, save_dir, batches, inputs, certify_atol, runners,
+                                       required=engines if export_onnx else ["onednn"])
+    except ExportError:
+        (save_dir / ONNX_FILE).unlink(missing_ok=True)  # never leave an uncertified graph behind
+        raise
+    certified = [name for name in engines if cert["engines"].get(name, {}).get("passed")]
     if ONNX_ENGINE in engines and ONNX_ENGINE not in certified:
         (save_dir / ONNX_FILE).unlink(missing_ok=True)
         spec.extra.pop("onnx_file", None)
-        _logger().warning(f"export: ONNX Runtime failed the certificate "
-                          f"({'; '.join(cert['engines'][ONNX_ENGINE]['problems'])}); inference.onnx "
-                          "removed, the model is served with paddle-inference")
+        if ONNX_ENGINE in cert["engines"]:  # else _runners has said why it could not start
+            _logger().warning(f"export: ONNX Runtime failed the certificate "
+                              f"({'; '.join(cert['engines'][ONNX_ENGINE]['problems'])}); "
+                              "inference.onnx removed, the model is served with paddle-inference")
     if calibrate:
         if labels is None:
             raise ConfigError("Export.calibrate", f"the certificate ran on {inputs}, which have no "
@@ -254,6 +257,24 @@ def _certify_inputs(cfg, class_num, exp, calibrate):
         return None
 
 
+def _runners(save_dir, engines, serve_batch, required):
+    """``{engine: run_graph}`` for the certificate. An optional engine (ONNX Runtime in the
+    default mode) that cannot even start is left out, with a log line; the certificate then
+    records nothing for it and it is never served."""
+    from ..predictor import Predictor
+
+    runners = {}
+    for name in engines:
+        try:
+            runners[name] = Predictor(save_dir, engine=name, batch_size=serve_batch).run_graph
+        except Exception as exc:  # noqa: BLE001 - onnxruntime may refuse a file in many ways
+            if required or name == "onednn":
+                raise
+            _logger().warning(f"export: {name} cannot load the exported graph ({str(exc)[:300]}); "
+                              "serving with paddle-inference only")
+    return runners
+
+
 def _missing_onnx_tools():
     missing = []
     for module in ("paddle2onnx", "onnxruntime"):
@@ -286,7 +307,10 @@ def _convert_to_onnx(save_dir, required):
         return True
     except Exception as exc:  # noqa: BLE001 - paddle2onnx raises anything; auto mode must not fail
         if required:
-            raise
+            (Path(save_dir) / ONNX_FILE).unlink(missing_ok=True)
+            raise ExportError(f"Global.export_onnx: True, but paddle2onnx could not convert the model "
+                              f"({str(exc)[:500]}); set Global.export_onnx: null to export without "
+                              "ONNX when it cannot") from exc
         (Path(save_dir) / ONNX_FILE).unlink(missing_ok=True)
         _logger().warning(f"export: paddle2onnx could not convert the model ({str(exc)[:300]}); "
                           "serving with paddle-inference only")

@@ -4,9 +4,9 @@ it, no second forward either.
 While the fine-tuning strategy holds the backbone frozen (``FineTune.linear_probe``, or the first
 ``FineTune.freeze_backbone_epochs``), the backbone is a fixed function of the image, so:
 
-- its forward runs under ``paddle.no_grad`` in eval mode (every layer of it, its dropout too:
-  a frozen feature extractor is one function, and that is what makes caching it exact), and only
-  the classifier head runs in train mode with gradients;
+- its forward runs under ``paddle.no_grad`` (the strategy holds every backbone layer in eval
+  mode while frozen, its dropout and drop-path too, on any number of processes:
+  ``strategies.train_mode``), and only the classifier head runs with gradients;
 - when the train transforms are all deterministic (no random crop, flip, colour or erasing op)
   and no batch operator (Mixup, Cutmix) mixes the images, the features of every train image are
   computed once, kept in memory (``FineTune.feature_cache_mb``, default 2048 MB; larger sets run
@@ -29,21 +29,16 @@ import paddle
 
 from ..utils import distributed as dist
 
-# Train transforms that give the same output for the same image every time. Any other op (and
-# any op not in this list, to be safe) means the features change from epoch to epoch.
-DETERMINISTIC_OPS = frozenset({"DecodeImage", "ResizeImage", "CropImage", "NormalizeImage",
-                               "ToCHWImage"})
 DEFAULT_CACHE_MB = 2048
-
-
-def _op_names(ops):
-    return [next(iter(op)) if isinstance(op, dict) else str(op) for op in ops or []]
 
 
 def cache_blocker(cfg, batch_op):
     """Why the features of the train set cannot be cached, or None when they can."""
+    from ..data.transforms import is_deterministic
+
     train = ((cfg.get("DataLoader") or {}).get("Train") or {}).get("dataset") or {}
-    random_ops = [n for n in _op_names(train.get("transform_ops")) if n not in DETERMINISTIC_OPS]
+    ops = [op if isinstance(op, dict) else {op: None} for op in train.get("transform_ops") or []]
+    random_ops = [next(iter(op)) for op in ops if not is_deterministic(op)]
     if random_ops:
         return f"the train transforms include {', '.join(random_ops)}"
     if batch_op is not None:
@@ -58,8 +53,7 @@ class FrozenBackbone:
         self.p, self.inner, self.log = parts, inner, logger
         strategy = parts.strategy
         self.active = bool(strategy.linear_probe or strategy.freeze_backbone_epochs) and dist.world_size() == 1
-        section = parts.cfg.get("FineTune") or {}
-        self.budget_mb = float(section.get("feature_cache_mb", DEFAULT_CACHE_MB))
+        self.budget_mb = strategy.feature_cache_mb
         self.blocker = cache_blocker(parts.cfg, parts.batch_op) if self.active else None
         self.features = self.labels = None
         self._said = False
@@ -87,18 +81,14 @@ class FrozenBackbone:
 
     def _forward_only(self, images):
         with paddle.no_grad():
-            feats = self._features(images)
+            feats = self.inner.forward_features(images).detach()
         return self.inner.forward_head(feats)
 
     def _features(self, images):
-        """Backbone features in eval mode; the caller's train/eval modes are put back."""
-        modes = [(layer, layer.training) for layer in self.inner.sublayers(include_self=True)]
-        self.inner.eval()
-        try:
-            return self.inner.forward_features(images).detach()
-        finally:
-            for layer, training in modes:
-                layer.training = training
+        """Backbone features as the step computes them (under the AMP policy's autocast), in
+        float32 for the cache (the backbone is in eval mode: ``strategies.train_mode``)."""
+        with paddle.no_grad(), self.p.amp.autocast():
+            return self.inner.forward_features(images).detach().astype("float32")
 
     # ------------------------------------------------------------------ the cache
     def _build_cache(self, epoch):
@@ -127,10 +117,9 @@ class FrozenBackbone:
             if len(index) == 0:
                 continue
             images = images if isinstance(images, paddle.Tensor) else paddle.to_tensor(images)
-            with paddle.no_grad():
-                feats = self._features(images)
+            feats = self._features(images)
             index = np.asarray(index)
-            features[index] = feats.astype("float32").numpy()
+            features[index] = feats.numpy().reshape(len(index), -1)
             labels[index] = np.asarray(labels_b)
         self.features, self.labels = features, labels
 
@@ -138,9 +127,7 @@ class FrozenBackbone:
         for i in range(len(dataset)):
             item = dataset[i]
             if item is not None:
-                with paddle.no_grad():
-                    feats = self._features(paddle.to_tensor(item[0][None]))
-                return int(math.prod(feats.shape[1:]))
+                return int(math.prod(self._features(paddle.to_tensor(item[0][None])).shape[1:]))
         return None
 
     def _cached_batches(self):

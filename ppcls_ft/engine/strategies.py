@@ -37,7 +37,7 @@ class FineTuneStrategy:
     """Decides, per epoch, which parameters train and at what relative learning rate."""
 
     def __init__(self, linear_probe=False, freeze_backbone_epochs=0, unfreeze_lr_factor=1.0,
-                 layer_decay=None, freeze_bn_stats=False, epochs=1):
+                 layer_decay=None, freeze_bn_stats=False, epochs=1, feature_cache_mb=2048):
         if linear_probe and freeze_backbone_epochs:
             raise ConfigError("FineTune", "set either linear_probe or freeze_backbone_epochs, not both")
         if freeze_backbone_epochs and freeze_backbone_epochs >= epochs:
@@ -53,6 +53,9 @@ class FineTuneStrategy:
         self.unfreeze_lr_factor = float(unfreeze_lr_factor)
         self.layer_decay = None if layer_decay is None else float(layer_decay)
         self.freeze_bn_stats = bool(freeze_bn_stats)
+        if not float(feature_cache_mb) >= 0:
+            raise ConfigError("FineTune.feature_cache_mb", f"must be >= 0 (MB), got {feature_cache_mb}")
+        self.feature_cache_mb = float(feature_cache_mb)  # read by engine/frozen.py
         self.frozen = False
         self._factor_applied = False
         self._trainable = None
@@ -60,7 +63,6 @@ class FineTuneStrategy:
     @classmethod
     def from_config(cls, section, model, epochs):
         section = dict(section or {})
-        section.pop("feature_cache_mb", None)  # engine/frozen.py's setting
         return cls(epochs=epochs, **section)
 
     @property
@@ -118,11 +120,15 @@ class FineTuneStrategy:
             attr["learning_rate"] = attr.get("learning_rate", 1.0) * factor
 
     def train_mode(self, model):
-        """``model.train()``, except frozen norm layers stay in eval mode."""
+        """``model.train()``, except: while the backbone is frozen, every backbone layer is in eval
+        mode (its batch-norm statistics stay the pretrained ones, and its dropout and drop-path
+        are off: a frozen backbone is one fixed function, on any number of processes, which is
+        what lets engine/frozen.py cache it); with ``freeze_bn_stats``, every norm layer is."""
         model.train()
         if not (self.frozen or self.freeze_bn_stats):
             return
         inner = unwrap(model)
         for name, layer in inner.named_sublayers():
-            if _is_norm(layer) and (self.freeze_bn_stats or not inner.is_classifier_key(name + ".")):
+            in_head = inner.is_classifier_key(name + ".")
+            if (self.frozen and not in_head) or (self.freeze_bn_stats and _is_norm(layer)):
                 layer.eval()

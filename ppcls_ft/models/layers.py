@@ -34,7 +34,7 @@ def lr_attr(lr_mult: float = 1.0, no_decay: bool = False, initializer=None) -> P
 class Conv2D(nn.Conv2D):
     """``nn.Conv2D`` (same parameters, state_dict keys and parameter names: the class name is what
     Paddle derives the names from) whose depthwise case - groups == in == out channels, NCHW,
-    square stride, symmetric padding, no dilation - runs ppcls_ft's CPU kernel in dygraph on a
+    square stride, symmetric padding, no dilation, no bias - runs ppcls_ft's CPU kernel in dygraph on a
     float32 CPU tensor (``ppcls_ft/kernels``: 2-10x Paddle's on these cores). Anything else, and
     every static graph (export, ``paddle.jit``), is Paddle's own convolution."""
 
@@ -42,7 +42,8 @@ class Conv2D(nn.Conv2D):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                          groups=groups, **kw)
         st, pad, dil = self._stride, self._padding, self._dilation
-        self._fast = (groups == in_channels == out_channels and self._data_format == "NCHW"
+        self._fast = (groups == in_channels == out_channels and self.bias is None  # the kernel adds none
+                      and self._data_format == "NCHW"
                       and self._padding_mode == "zeros" and isinstance(pad, int)
                       and len(set(st)) == 1 and set(dil) == {1} and self._kernel_size[0] == self._kernel_size[1])
 

@@ -33,23 +33,11 @@ def captured_output():
         try:
             os.dup2(tmp.fileno(), 1)
             os.dup2(tmp.fileno(), 2)
-            with contextlib.redirect_stdout(_FdWriter(1)), contextlib.redirect_stderr(_FdWriter(2)):
+            # text streams on the redirected descriptors, complete (fileno, isatty, encoding)
+            with open(1, "w", closefd=False) as out, open(2, "w", closefd=False) as err, \
+                    contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                 yield _Captured(tmp)
         finally:
             for fd, copy in zip((1, 2), saved):
                 os.dup2(copy, fd)
                 os.close(copy)
-
-
-class _FdWriter:
-    """A text stream writing straight to a file descriptor (Python-level prints in the block)."""
-
-    def __init__(self, fd):
-        self.fd = fd
-
-    def write(self, text):
-        os.write(self.fd, text.encode("utf-8", "replace"))
-        return len(text)
-
-    def flush(self):
-        pass

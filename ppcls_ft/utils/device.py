@@ -67,7 +67,6 @@ def setup_device(device="cpu", cpu_threads=None, logger=None):
             else "MKL generic path: set MKL_DEBUG_CPU_TYPE=5 before Paddle loads"
             if CPU_VENDOR == "AMD" else "MKL native path")
     from .. import kernels
-    kernels.depthwise_op()  # build (once per machine) or load it now, so the banner can say which
     banner = (f"device cpu: {threads} math threads of {cores} cores, {CPU_VENDOR} CPU with "
               f"{cpu_simd()}, {fast}, {kernels.status()}")
     for note in notes:
