@@ -25,9 +25,13 @@ import numpy as np
 from .errors import ConfigError
 
 ONNX_FILE = "inference.onnx"
+DEFAULT_ENGINE = "onednn"  # what serves an export without an Engine record, and what always certifies
+ONNX_ENGINE = "onnxruntime"
 PADDLE_CPU_ENGINES = ("onednn", "native", "openvino")
-CPU_ENGINES = PADDLE_CPU_ENGINES + ("onnxruntime",)
+CPU_ENGINES = PADDLE_CPU_ENGINES + (ONNX_ENGINE,)
 ENGINE_CHOICES = ("auto",) + CPU_ENGINES
+ENGINE_TITLES = {"onednn": "paddle-inference CPU, oneDNN on", "native": "paddle-inference CPU, no oneDNN",
+                 "openvino": "paddle-inference CPU, bundled OpenVINO", ONNX_ENGINE: "ONNX Runtime CPU"}
 PRECISIONS = ("fp32", "fp16")
 # Another engine replaces oneDNN (the engine paddle-inference users know) only when it is this
 # much faster: timings on a busy machine wobble by a few per cent, and a coin flip between two
@@ -160,7 +164,7 @@ class OnnxRunner:
 
 def make_runner(model_dir, model_file, params_file, engine, **kw):
     """A runner for one concrete engine name of ``CPU_ENGINES`` (or ``gpu``)."""
-    if engine == "onnxruntime":
+    if engine == ONNX_ENGINE:
         return OnnxRunner(Path(model_dir) / ONNX_FILE, kw.get("cpu_threads"))
     return PaddleRunner(model_file, params_file, engine, **kw)
 
@@ -204,9 +208,9 @@ def plan_from_spec(spec, model_dir):
     record = (getattr(spec, "engines", None) or {}).get("fastest") or {}
     usable = set(PADDLE_CPU_ENGINES)
     if onnxruntime_available() and (Path(model_dir) / ONNX_FILE).is_file():
-        usable.add("onnxruntime")
-    plan = {int(bs): (engine if engine in usable else "onednn") for bs, engine in record.items()}
-    return EnginePlan(plan or {1: "onednn"})
+        usable.add(ONNX_ENGINE)
+    plan = {int(bs): (engine if engine in usable else DEFAULT_ENGINE) for bs, engine in record.items()}
+    return EnginePlan(plan or {1: DEFAULT_ENGINE})
 
 
 def time_engines(runners, image_shape, batch_sizes, budget_s=0.4, rounds=3, seed=0):
@@ -238,7 +242,7 @@ def time_engines(runners, image_shape, batch_sizes, budget_s=0.4, rounds=3, seed
     return rates
 
 
-def fastest(rates, default="onednn"):
+def fastest(rates, default=DEFAULT_ENGINE):
     """``{batch: engine}`` from ``time_engines`` rates: the fastest engine, unless it beats
     ``default`` by less than ``MIN_SPEEDUP``."""
     choice = {}

@@ -1,7 +1,6 @@
 """Frozen means cheap (engine/frozen.py): a frozen backbone runs forward-only, and its features
 are computed once when no random transform or batch operator touches them."""
 import numpy as np
-import pytest
 
 from ppcls_ft.engine import frozen
 from ppcls_ft.engine.builder import build_train_parts

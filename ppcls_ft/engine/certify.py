@@ -88,10 +88,6 @@ class _Tally:
                 "top1_disagreements": self.disagree, "max_abs_prob_diff": self.max_diff}
 
 
-ENGINE_TITLES = {"onednn": "paddle-inference CPU, oneDNN on", "native": "paddle-inference CPU, no oneDNN",
-                 "openvino": "paddle-inference CPU, bundled OpenVINO", "onnxruntime": "ONNX Runtime CPU"}
-
-
 def certify(model, save_dir, batches, inputs, atol=DEFAULT_ATOL, runners=None, required=None):
     """Compare dygraph with each engine of ``runners`` (``{name: run_graph}``, default oneDNN) on
     ``batches``; write the certificate.
@@ -104,9 +100,10 @@ def certify(model, save_dir, batches, inputs, atol=DEFAULT_ATOL, runners=None, r
     ``required`` that fails is only recorded, and the caller must not serve with it.
     """
     from ..predictor import Predictor
+    from ..runtimes import DEFAULT_ENGINE, ENGINE_TITLES, ONNX_ENGINE
 
     save_dir = Path(save_dir)
-    runners = runners or {"onednn": Predictor(save_dir, engine="onednn").run_graph}
+    runners = runners or {DEFAULT_ENGINE: Predictor(save_dir, engine=DEFAULT_ENGINE).run_graph}
     required = set(runners if required is None else required)
     tallies = {name: _Tally(atol) for name in runners}
     was_training = model.training
@@ -126,7 +123,7 @@ def certify(model, save_dir, batches, inputs, atol=DEFAULT_ATOL, runners=None, r
                     if name in required:
                         raise ExportError(f"{save_dir}: {name} failed on the exported graph ({exc})"
                                           + ("; Global.export_onnx: null ships the model without "
-                                             "ONNX" if name == "onnxruntime" else "")) from exc
+                                             "ONNX" if name == ONNX_ENGINE else "")) from exc
                     tallies[name].error = f"{type(exc).__name__}: {str(exc)[:300]}"
                     continue
                 tallies[name].add(ref, served.astype(np.float64))
@@ -160,7 +157,7 @@ def certify(model, save_dir, batches, inputs, atol=DEFAULT_ATOL, runners=None, r
     path.write_text(json.dumps(cert, indent=2) + "\n", encoding="utf-8")
     if failed_required:
         hint = ("Global.export_onnx: null ships the model without ONNX when only ONNX Runtime "
-                "disagrees" if "onnxruntime" in failed_required else
+                "disagrees" if ONNX_ENGINE in failed_required else
                 "check the model; Export.certify_atol sets the tolerance")
         raise ExportError(f"{path}: the exported model does not predict what the dygraph model "
                           f"predicts ({'; '.join(problems)}); do not deploy it ({hint}) and report "

@@ -21,7 +21,6 @@ missing keys with a warning) and ships random weights.
 import os
 from pathlib import Path
 
-import numpy as np
 import paddle
 
 from ..calibration import ECE_BINS, calibration_report
@@ -30,11 +29,11 @@ from ..errors import ConfigError, ExportError
 from ..inference_format import (EXPORT_FILES, MODEL_FORMATS, InferenceSpec, complete_preprocess,
                                 read_label_file, write_spec)
 
-from ..runtimes import ONNX_FILE
+from ..runtimes import DEFAULT_ENGINE, ONNX_ENGINE, ONNX_FILE
 from ..utils.captured import captured_output
 from .certify import DEFAULT_ATOL, certify, eval_batches, random_batches
 
-ONNX_ENGINE = "onnxruntime"
+DEFAULT_SERVE_BATCH = 8  # the service's --max_batch default: the batch the engines are timed at
 
 _ONNX_HINT = "pip install paddle2onnx onnxruntime"
 
@@ -93,7 +92,7 @@ def _written_model_file(save_dir):
 def export_dygraph(model, save_dir, image_shape, preprocess_ops, label_names=None, *,
                    model_name=None, topk=5, export_onnx=None, reject_threshold=None,
                    certify_on=None, certify_atol=DEFAULT_ATOL, calibrate=False, ece_bins=ECE_BINS,
-                   choose_engine=True, serve_batch=8):
+                   choose_engine=True, serve_batch=DEFAULT_SERVE_BATCH):
     """Save ``model`` (a dygraph Layer) + softmax as an inference model in ``save_dir``, certify it
     and optionally calibrate it.
 
@@ -149,7 +148,7 @@ def export_dygraph(model, save_dir, image_shape, preprocess_ops, label_names=Non
                          extra={"ppcls_ft_version": _ppcls_ft_version(),
                                 "paddle_version": paddle.__version__})
     write_spec(save_dir, spec)  # readable before the certificate, which runs the Predictor on it
-    engines = ["onednn"]
+    engines = [DEFAULT_ENGINE]
     if export_onnx is not False and _convert_to_onnx(save_dir, required=bool(export_onnx)):
         engines.append(ONNX_ENGINE)
         spec.extra["onnx_file"] = ONNX_FILE
@@ -159,7 +158,7 @@ def export_dygraph(model, save_dir, image_shape, preprocess_ops, label_names=Non
     runners = _runners(save_dir, engines, serve_batch, required=bool(export_onnx))
     try:
         cert, logits, labels = certify(model, save_dir, batches, inputs, certify_atol, runners,
-                                       required=engines if export_onnx else ["onednn"])
+                                       required=engines if export_onnx else [DEFAULT_ENGINE])
     except ExportError:
         (save_dir / ONNX_FILE).unlink(missing_ok=True)  # never leave an uncertified graph behind
         raise
@@ -234,7 +233,7 @@ def export_model_with_config(model, cfg, save_dir=None):
                           certify_atol=float(exp.get("certify_atol", DEFAULT_ATOL)),
                           calibrate=calibrate, ece_bins=int(exp.get("ece_bins", ECE_BINS)),
                           choose_engine=bool(exp.get("choose_engine", True)),
-                          serve_batch=int(exp.get("serve_batch", 8)))
+                          serve_batch=int(exp.get("serve_batch", DEFAULT_SERVE_BATCH)))
 
 
 def _certify_inputs(cfg, class_num, exp, calibrate):
@@ -268,7 +267,7 @@ def _runners(save_dir, engines, serve_batch, required):
         try:
             runners[name] = Predictor(save_dir, engine=name, batch_size=serve_batch).run_graph
         except Exception as exc:  # noqa: BLE001 - onnxruntime may refuse a file in many ways
-            if required or name == "onednn":
+            if required or name == DEFAULT_ENGINE:
                 raise
             _logger().warning(f"export: {name} cannot load the exported graph ({str(exc)[:300]}); "
                               "serving with paddle-inference only")
