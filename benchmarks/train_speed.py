@@ -193,6 +193,10 @@ def overrides(cfg, data, bs, args, out_dir):
         o.append("Arch.pretrained=False")  # speed does not depend on the weights; no download
     if "warmup_epoch" in (cfg.get("Optimizer", {}).get("lr") or {}):
         o.append("Optimizer.lr.warmup_epoch=0")  # ppcls_ft refuses more warm-up epochs than epochs
+    if "learning_rate" in (cfg.get("Optimizer", {}).get("lr") or {}):
+        # speed does not depend on it, and from random weights without warm-up PPLCNet_x1_0's
+        # 0.8 reached a NaN loss in 28 steps, where ppcls_ft stops (PaddleClas trains on in NaN)
+        o.append("Optimizer.lr.learning_rate=0.001")
     if args.image_size:
         ops = cfg["DataLoader"]["Train"]["dataset"]["transform_ops"]
         crop = next(i for i, op in enumerate(ops) if isinstance(op, dict) and "RandCropImage" in op)
