@@ -120,7 +120,7 @@ def in_process(model_dir, images, batch, seconds):
     from ppcls_ft.predictor import Predictor
 
     p = Predictor(model_dir, batch_size=batch)
-    p.predict(images[:batch])  # warm-up: oneDNN builds its kernels on the first run
+    p.predict(images[:batch])  # warm-up: the engines build their kernels on the first run
     n, i, start = 0, 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         chunk = [images[(i + j) % len(images)] for j in range(batch)]
@@ -159,7 +159,7 @@ def main(argv=None):
             import httpx
             info = httpx.get(url + "/model").json()
             model_note = (f"{info['model_name']} at {info['image_shape'][-1]} px "
-                          f"(engine oneDNN, {model_note})")
+                          f"(engine {info.get('engine', 'oneDNN')}, {model_note})")
             load(url, images, 1, 1.0)  # warm-up
             rows = []
             for n in args.clients:
