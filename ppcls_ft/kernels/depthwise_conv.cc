@@ -59,28 +59,15 @@ void pad_plane(const float* src, int64_t rows, int64_t cols, int64_t pad, float*
 }
 
 // out (oh x ow) = correlation of the padded plane (row pitch pw) with the k x k taps at stride s.
+// K, S > 0 fix the size at compile time (the taps unroll); K = S = 0 takes k and s at run time.
 template <int K, int S>
-void correlate(const float* pad, int64_t pw, const float* taps, float* out, int64_t oh, int64_t ow) {
-  float t[K * K];
-  for (int i = 0; i < K * K; ++i) t[i] = taps[i];
-  for (int64_t oy = 0; oy < oh; ++oy) {
-    const float* base = pad + oy * S * pw;
-    float* o = out + oy * ow;
-#pragma omp simd
-    for (int64_t ox = 0; ox < ow; ++ox) {
-      float acc = 0.0f;
-      for (int ky = 0; ky < K; ++ky)
-        for (int kx = 0; kx < K; ++kx) acc += t[ky * K + kx] * base[ky * pw + ox * S + kx];
-      o[ox] = acc;
-    }
-  }
-}
-
-void correlate_any(const float* pad, int64_t pw, const float* taps, float* out, int64_t oh,
-                   int64_t ow, int64_t k, int64_t s) {
+void correlate(const float* pad, int64_t pw, const float* taps, float* out, int64_t oh, int64_t ow,
+               int64_t k_any = 0, int64_t s_any = 0) {
+  const int64_t k = K ? K : k_any, s = S ? S : s_any;
   for (int64_t oy = 0; oy < oh; ++oy) {
     const float* base = pad + oy * s * pw;
     float* o = out + oy * ow;
+#pragma omp simd
     for (int64_t ox = 0; ox < ow; ++ox) {
       float acc = 0.0f;
       for (int64_t ky = 0; ky < k; ++ky)
@@ -96,7 +83,7 @@ void correlate_dispatch(const float* pad, int64_t pw, const float* taps, float* 
   if (k == 3 && s == 2) return correlate<3, 2>(pad, pw, taps, out, oh, ow);
   if (k == 5 && s == 1) return correlate<5, 1>(pad, pw, taps, out, oh, ow);
   if (k == 5 && s == 2) return correlate<5, 2>(pad, pw, taps, out, oh, ow);
-  correlate_any(pad, pw, taps, out, oh, ow, k, s);
+  correlate<0, 0>(pad, pw, taps, out, oh, ow, k, s);
 }
 
 // sum over (oy, ox) of g[oy][ox] * pad[oy * s + ky][ox * s + kx]
