@@ -119,3 +119,32 @@ def test_stock_setting_and_a_failed_build_fall_back_to_paddles_kernel(monkeypatc
         np.testing.assert_array_equal(layer(x).numpy(), ref)
     assert "fast CPU kernels unavailable" in caplog.text and "g++: not found" in caplog.text
     assert kernels.status() == "stock kernels (build failed)"
+
+
+def test_the_build_runs_in_a_child_and_leaves_this_processs_output_alone(monkeypatch, tmp_path,
+                                                                          capfd):
+    """While the compiler runs, other threads (the DataLoader's read-ahead) keep logging to this
+    process's stdout; a failed build's output comes back in the error."""
+    import threading
+    import time
+
+    monkeypatch.setenv("PPCLS_FT_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setattr(kernels, "_BUILD_CHILD", "import sys, time\n"
+                        "print('cc1plus: error: bad flag'); sys.stdout.flush(); time.sleep(1.0)\n"
+                        "sys.exit(3)")
+    started = threading.Event()
+
+    def other_thread():
+        started.wait()
+        time.sleep(0.3)  # the child is compiling now
+        print("a reader thread's line", flush=True)
+
+    reader = threading.Thread(target=other_thread)
+    reader.start()
+    started.set()
+    with pytest.raises(RuntimeError, match=r"exited with 3.*cc1plus: error: bad flag"):
+        kernels._build()
+    reader.join()
+    out, _ = capfd.readouterr()
+    assert "a reader thread's line" in out
+    assert "cc1plus" not in out  # the compiler's own output is kept out of the user's log

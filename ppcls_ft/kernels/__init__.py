@@ -8,7 +8,7 @@ that calls it in dygraph on the CPU in float32; everything else (static graphs, 
 an exported model never contains the custom operator.
 
 The operator is compiled once per machine, at the first depthwise convolution a process runs,
-with ``paddle.utils.cpp_extension.load`` (gcc, about 15 s) into
+with ``paddle.utils.cpp_extension.load`` in a child process (gcc, about 15 s) into
 ``~/.cache/ppcls_ft/kernels/<paddle version>-<source hash>-cpu<CPU model and flags>``
 (``PPCLS_FT_KERNEL_DIR`` moves it), under a file lock so that the ranks of a multi-process run
 build it once and none loads a half-written library. A build that
@@ -71,34 +71,49 @@ def _load_built(out_dir):
     return ppcls_dwconv
 
 
+# Run in a child process: the compiler writes to file descriptors 1 and 2, and redirecting this
+# process's descriptors while it builds would also swallow what its other threads log meanwhile
+# (Paddle's single-process DataLoader reads ahead in a thread: a skipped image's warning vanished).
+_BUILD_CHILD = """
+import json, sys
+from paddle.utils.cpp_extension import load
+args = json.loads(sys.argv[1])
+load(name=args["name"], sources=args["sources"], build_directory=args["out_dir"], verbose=False,
+     extra_cxx_cflags=args["cflags"], extra_ldflags=args["ldflags"])
+"""
+
+
 def _build():
     import fcntl
+    import json
+    import subprocess
+    import sys
 
     import paddle
-    from paddle.utils.cpp_extension import load
-
-    from ..utils.captured import captured_output
 
     out_dir = build_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     libs = Path(paddle.__file__).parent / "libs"
     # libiomp5 is Paddle's OpenMP runtime (see depthwise_conv.cc); -march=native: the build is
     # per machine, and the cache directory is too unless PPCLS_FT_KERNEL_DIR is shared.
-    flags = {"extra_cxx_cflags": ["-O3", "-march=native", "-fopenmp", "-DNDEBUG"],
-             "extra_ldflags": [f"-L{libs}", "-l:libiomp5.so", f"-Wl,-rpath,{libs}"]}
-    with open(out_dir / ".lock", "w") as lock, captured_output() as log:
+    args = {"name": NAME, "sources": [str(_SOURCE)], "out_dir": str(out_dir),
+            "cflags": ["-O3", "-march=native", "-fopenmp", "-DNDEBUG"],
+            "ldflags": [f"-L{libs}", "-l:libiomp5.so", f"-Wl,-rpath,{libs}"]}
+    with open(out_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         op = _load_built(out_dir)  # built earlier, or by another process while this one waited
         if op is not None:
             return op
         logging.getLogger("ppcls_ft").info("building ppcls_ft's CPU kernels for this machine "
                                            f"(once, about 15 s) in {out_dir}")
-        try:
-            module = load(name=NAME, sources=[str(_SOURCE)], build_directory=str(out_dir),
-                          verbose=False, **flags)
-        except Exception as exc:  # noqa: BLE001 - a compiler error is any exception; we fall back
-            raise RuntimeError(f"{exc}; build log: {log.text()[-1500:]}") from None
-    return module.ppcls_dwconv
+        child = subprocess.run([sys.executable, "-c", _BUILD_CHILD, json.dumps(args)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               errors="replace", check=False)
+        op = _load_built(out_dir) if child.returncode == 0 else None
+        if op is None:
+            raise RuntimeError(f"the build exited with {child.returncode}; build log: "
+                               f"{child.stdout[-1500:]}")
+        return op
 
 
 def depthwise_op():
