@@ -1,20 +1,47 @@
 """CPU fast-path environment that must be set before Paddle loads its math library.
 
-Paddle 3.3.1 bundles MKL 2019, which takes a generic (3x slower) code path on AMD CPUs unless
-``MKL_DEBUG_CPU_TYPE=5`` is in the environment when MKL loads (shared/guide/PERFORMANCE.md:
-ResNet50 training 1.27 -> 2.93 images/s on a 2-core EPYC). It is harmless on Intel. This module
-imports nothing heavy so ``ppcls_ft/__init__.py`` can run it before anything imports paddle.
+Paddle 3.3.1 bundles MKL 2019.0 Update 5. On a CPU whose vendor string is not Intel's, MKL takes
+its generic code path, about 3x slower than AVX2 (shared/guide/PERFORMANCE.md section 2; ResNet50
+training 1.27 -> 2.93 images/s on a 2-core EPYC). Two ways out, both needed before MKL loads:
+
+- ``MKL_DEBUG_CPU_TYPE=5``: MKL's own switch to its AVX2 path. It cannot select AVX-512.
+- On an AMD CPU with AVX-512 (Zen 4 and later), MKL's AVX-512 path is another 1.7-1.9x on a
+  matrix product (2 threads, 2048x2048: 173 -> 300 GFLOP/s; docs/benchmarks/train_speed.md).
+  MKL asks one exported function, ``mkl_serv_intel_cpu_true``, whether the CPU is Intel's, and
+  then dispatches on the CPUID feature bits it reads itself. A two-line library that answers 1,
+  loaded with RTLD_GLOBAL ahead of MKL, takes precedence over MKL's own definition (MKL calls
+  it through its PLT), so MKL picks the code path the CPU's features allow. No package on PyPI
+  provides this, so it is compiled here, once, with the system C compiler (about 50 ms).
+
+A user's own ``MKL_DEBUG_CPU_TYPE`` wins (then nothing is loaded), ``PPCLS_FT_MKL=avx2`` keeps
+the environment variable route; without a compiler it is the route taken. ``mkl_path()`` reports
+what MKL chose. This module imports nothing heavy so ``ppcls_ft/__init__.py`` can run it before
+anything imports paddle.
 """
+import ctypes
+import hashlib
 import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+_SHIM_SOURCE = "int mkl_serv_intel_cpu_true(void) { return 1; }\n"
+_AVX512 = ("avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl")  # MKL's AVX-512 path needs all
+STATE = {"route": None, "error": None}
+
+
+def _cpuinfo_head(size=1 << 14):
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return f.read(size)
+    except OSError:
+        return ""
 
 
 def cpu_vendor():
     """'AMD', 'Intel' or 'unknown', read from /proc/cpuinfo (Linux) without importing paddle."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            head = f.read(4096)
-    except OSError:
-        return "unknown"
+    head = _cpuinfo_head(4096)
     if "AuthenticAMD" in head:
         return "AMD"
     if "GenuineIntel" in head:
@@ -22,9 +49,88 @@ def cpu_vendor():
     return "unknown"
 
 
+def has_avx512():
+    flags = next((ln for ln in _cpuinfo_head().splitlines() if ln.startswith("flags")), "").split()
+    return all(flag in flags for flag in _AVX512)
+
+
+def _shim_path():
+    root = os.environ.get("PPCLS_FT_KERNEL_DIR") or Path.home() / ".cache" / "ppcls_ft" / "kernels"
+    digest = hashlib.sha256(_SHIM_SOURCE.encode()).hexdigest()[:12]
+    return Path(root) / f"mkl-vendor-shim-{digest}.so"
+
+
+def _build_shim(path):
+    """Compile the shim into ``path`` (atomically: concurrent processes each rename a whole file)."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc, gcc) on PATH")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        src, out = Path(tmp) / "shim.c", Path(tmp) / "shim.so"
+        src.write_text(_SHIM_SOURCE)
+        proc = subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", str(out), str(src)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {proc.stdout.strip()[-300:]}")
+        os.replace(out, path)
+
+
+def _load_shim():
+    path = _shim_path()
+    if not path.is_file():
+        _build_shim(path)
+    ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+
+
 def prepare_cpu_env():
-    """Select MKL's AVX2 path on AMD unless the user already chose; returns what was decided."""
+    """Select MKL's fastest path on AMD unless the user already chose; returns the CPU vendor."""
     vendor = cpu_vendor()
-    if vendor == "AMD" and "MKL_DEBUG_CPU_TYPE" not in os.environ:
-        os.environ["MKL_DEBUG_CPU_TYPE"] = "5"
+    if vendor != "AMD" or "MKL_DEBUG_CPU_TYPE" in os.environ:
+        STATE["route"] = "user" if "MKL_DEBUG_CPU_TYPE" in os.environ else "native"
+        return vendor
+    wanted = os.environ.get("PPCLS_FT_MKL", "auto").strip().lower()
+    if wanted != "avx2" and has_avx512():
+        try:
+            _load_shim()
+            STATE["route"] = "shim"
+            return vendor
+        except (OSError, RuntimeError) as exc:  # no compiler, read-only home: the AVX2 route
+            STATE["error"] = str(exc)
+    os.environ["MKL_DEBUG_CPU_TYPE"] = "5"
+    STATE["route"] = "avx2"
     return vendor
+
+
+class _MKLVersion(ctypes.Structure):
+    _fields_ = [("major", ctypes.c_int), ("minor", ctypes.c_int), ("update", ctypes.c_int),
+                ("product_status", ctypes.c_char_p), ("build", ctypes.c_char_p),
+                ("processor", ctypes.c_char_p), ("platform", ctypes.c_char_p)]
+
+
+def mkl_path():
+    """MKL's own name for the code path it runs (e.g. 'Intel(R) Advanced Vector Extensions 512
+    (Intel(R) AVX-512) ... enabled processors'), or None when Paddle's MKL is not found. Loads
+    MKL (Paddle's bundled copy), so call it after the environment is prepared."""
+    try:
+        import paddle
+
+        lib = ctypes.CDLL(str(Path(paddle.__file__).parent / "libs" / "libmklml_intel.so"))
+    except OSError:
+        return None
+    version = _MKLVersion()
+    lib.MKL_Get_Version(ctypes.byref(version))
+    return (version.processor or b"").decode(errors="replace").strip() or None
+
+
+def mkl_route_text():
+    """One phrase for the start-up banner: which MKL path this process takes, and why."""
+    route = STATE["route"]
+    if route == "shim":
+        return "MKL AVX-512 path on AMD (ppcls_ft's vendor shim; PPCLS_FT_MKL=avx2 turns it off)"
+    if route == "avx2":
+        why = f"; AVX-512 shim unavailable: {STATE['error']}" if STATE["error"] else ""
+        return f"MKL AVX2 path for AMD (MKL_DEBUG_CPU_TYPE=5{why})"
+    if route == "user":
+        return f"MKL_DEBUG_CPU_TYPE={os.environ.get('MKL_DEBUG_CPU_TYPE')} (set by the user)"
+    return "MKL native path"

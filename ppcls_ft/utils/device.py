@@ -62,10 +62,8 @@ def setup_device(device="cpu", cpu_threads=None, logger=None):
     cores = available_cores()
     threads = int(cpu_threads or cores)
     paddle.base.core.set_num_threads(threads)
-    mkl = os.environ.get("MKL_DEBUG_CPU_TYPE")
-    fast = ("MKL AVX2 path for AMD (MKL_DEBUG_CPU_TYPE=5)" if CPU_VENDOR == "AMD" and mkl == "5"
-            else "MKL generic path: set MKL_DEBUG_CPU_TYPE=5 before Paddle loads"
-            if CPU_VENDOR == "AMD" else "MKL native path")
+    from .._cpu import mkl_route_text
+    fast = mkl_route_text()
     from .. import kernels
     banner = (f"device cpu: {threads} math threads of {cores} cores, {CPU_VENDOR} CPU with "
               f"{cpu_simd()}, {fast}, {kernels.status()}")

@@ -1,0 +1,67 @@
+"""ppcls_ft/_cpu.py: which MKL code path a process gets on this CPU, decided before Paddle loads.
+Each case is a fresh interpreter, since MKL reads its environment once per process."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ppcls_ft import _cpu
+
+REPO = Path(__file__).resolve().parents[1]
+AMD_AVX512 = _cpu.cpu_vendor() == "AMD" and _cpu.has_avx512()
+
+PROBE = """
+import json, os, sys
+import ppcls_ft
+from ppcls_ft import _cpu
+import numpy as np, paddle
+paddle.base.core.set_num_threads(1)
+a = paddle.to_tensor(np.random.default_rng(0).standard_normal([300, 500]).astype(np.float32))
+np.save(sys.argv[1], paddle.matmul(a, a.T).numpy())
+print(json.dumps({"route": _cpu.STATE["route"], "error": _cpu.STATE["error"],
+                  "mkl": _cpu.mkl_path(), "debug_type": os.environ.get("MKL_DEBUG_CPU_TYPE"),
+                  "banner": _cpu.mkl_route_text()}))
+"""
+
+
+def _probe(tmp_path, name, **env):
+    full = {k: v for k, v in os.environ.items() if k not in ("MKL_DEBUG_CPU_TYPE", "PPCLS_FT_MKL")}
+    full.update(PYTHONPATH=str(REPO), PPCLS_FT_KERNEL_DIR=str(tmp_path / "cache"), **env)
+    out = tmp_path / f"{name}.npy"
+    proc = subprocess.run([sys.executable, "-c", PROBE, str(out)], env=full, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), np.load(out)
+
+
+NOT_AMD_AVX512 = ("the shim is for AMD CPUs with AVX-512; this CPU is "
+                  f"{_cpu.cpu_vendor()} {'with' if _cpu.has_avx512() else 'without'} AVX-512")
+
+
+@pytest.mark.skipif(not AMD_AVX512, reason=NOT_AMD_AVX512)
+def test_amd_with_avx512_gets_mkls_avx512_path_with_the_same_values(tmp_path):
+    shim, fast = _probe(tmp_path, "shim")
+    assert shim["route"] == "shim" and shim["debug_type"] is None
+    assert "AVX-512" in shim["mkl"] and "AVX-512" in shim["banner"]
+    assert list((tmp_path / "cache").glob("mkl-vendor-shim-*.so"))
+
+    avx2, ref = _probe(tmp_path, "avx2", PPCLS_FT_MKL="avx2")
+    assert avx2["route"] == "avx2" and avx2["debug_type"] == "5" and "AVX2" in avx2["banner"]
+    np.testing.assert_allclose(fast, ref, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.skipif(not AMD_AVX512, reason=NOT_AMD_AVX512)
+def test_without_a_compiler_the_avx2_route_is_taken_and_said(tmp_path):
+    info, _ = _probe(tmp_path, "nocc", CC=str(tmp_path / "no-such-cc"))
+    assert info["route"] == "avx2" and info["debug_type"] == "5"
+    assert "no-such-cc" in info["error"] and "shim unavailable" in info["banner"]
+
+
+def test_a_users_own_mkl_setting_is_left_alone(tmp_path):
+    info, _ = _probe(tmp_path, "user", MKL_DEBUG_CPU_TYPE="5")
+    assert info["route"] == "user" and info["debug_type"] == "5"
+    assert not (tmp_path / "cache").exists()  # nothing built or loaded
