@@ -71,7 +71,7 @@ import yaml  # noqa: E402
 
 from inference_speed import time_fn  # noqa: E402
 from model_table import count_macs  # noqa: E402
-from ppcls_ft import build_model  # noqa: E402
+from ppcls_ft import _cpu, build_model  # noqa: E402
 from ppcls_ft.engine.export import export_dygraph  # noqa: E402
 from ppcls_ft.predictor import Predictor  # noqa: E402
 from ppcls_ft.utils.device import available_cores, cpu_simd  # noqa: E402
@@ -86,10 +86,13 @@ FT, PC = "ppcls_ft", "PaddleClas"
 # that have depthwise layers.
 FT_STOCK = "ppcls_ft, stock kernels"
 DEPTHWISE_FAMILIES = ("MobileNet", "PPLCNet")
+# ppcls_ft on MKL's AVX2 path (PPCLS_FT_MKL=avx2) where it otherwise takes MKL's AVX-512 path on an
+# AMD CPU (ppcls_ft/_cpu.py): what that adds, for the families without depthwise layers.
+FT_AVX2 = "ppcls_ft, MKL AVX2 path"
 ITER_LINE = re.compile(r"\[Train\]\[Epoch (\d+)/\d+\]\[Iter: (\d+)/(\d+)\]")
 AVG_LINE = re.compile(r"\[Train\]\[Epoch (\d+)/\d+\]\[Avg\]")
 # The first iteration's number in each trainer's log: PaddleClas counts from 0, ppcls_ft from 1.
-FIRST_ITER = {FT: 1, FT_STOCK: 1, PC: 0}
+FIRST_ITER = {FT: 1, FT_STOCK: 1, FT_AVX2: 1, PC: 0}
 GIB = 1024 ** 3
 
 
@@ -208,25 +211,39 @@ def commands(config, opts, pc_python, pc_src):
     """{trainer: (argv, cwd)}: each trainer's own tools/train.py, run from its own tree."""
     tail = ["-c", str(config)] + [x for o in opts for x in ("-o", o)]
     cmds = {FT: ([sys.executable, str(REPO / "tools" / "train.py")] + tail, str(REPO))}
-    cmds[FT_STOCK] = cmds[FT]
+    cmds[FT_STOCK] = cmds[FT_AVX2] = cmds[FT]
     if pc_python is not None:
         cmds[PC] = ([str(pc_python), str(Path(pc_src) / "tools" / "train.py")] + tail, str(pc_src))
     return cmds
 
 
 def child_env(tool=FT):
-    """One environment for both trainers: this process's, where importing ppcls_ft has already
-    set MKL_DEBUG_CPU_TYPE=5 on an AMD CPU (PaddleClas gets the same MKL path, not a slower one).
-    Only PYTHONPATH differs: this checkout for ppcls_ft, none for PaddleClas's own venv."""
+    """This process's environment, for each trainer. ppcls_ft chooses its MKL path itself (its
+    import in this process has already done so: ``MKL_DEBUG_CPU_TYPE=5`` here means it took the
+    AVX2 route). PaddleClas gets ``MKL_DEBUG_CPU_TYPE=5`` on an AMD CPU: MKL's AVX2 path, the best
+    an environment variable gives it, rather than the generic path it has as shipped. PYTHONPATH:
+    this checkout for ppcls_ft, none for PaddleClas's own venv."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("PPCLS_FT_KERNELS", None)
-    if tool in (FT, FT_STOCK):
+    env.pop("PPCLS_FT_MKL", None)
+    if tool in (FT, FT_STOCK, FT_AVX2):
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
         if tool == FT_STOCK:
             env["PPCLS_FT_KERNELS"] = "stock"
+        if tool == FT_AVX2:
+            env["PPCLS_FT_MKL"] = "avx2"
     else:
         env.pop("PYTHONPATH", None)
+        if ppcls_ft.CPU_VENDOR == "AMD":
+            env.setdefault("MKL_DEBUG_CPU_TYPE", "5")
     return env
+
+
+def comparison_run(arch):
+    """The ppcls_ft variant measured beside ppcls_ft for this model, or None."""
+    if arch.startswith(DEPTHWISE_FAMILIES):
+        return FT_STOCK
+    return FT_AVX2 if _cpu.STATE["route"] == "shim" else None
 
 
 # ---------------------------------------------------------------------------- one run
@@ -376,7 +393,8 @@ def matmul_ceiling(n, threads):
     out = {label: float(subprocess.run([sys.executable, "-c", NUMPY_MATMUL, str(n)], env=e, check=True,
                                        capture_output=True, text=True).stdout.split()[-1])
            for label, e in runs.items()}
-    mkl = f", MKL_DEBUG_CPU_TYPE={env['MKL_DEBUG_CPU_TYPE']}" if "MKL_DEBUG_CPU_TYPE" in env else ""
+    mkl = ", AVX-512 path (ppcls_ft's shim)" if _cpu.STATE["route"] == "shim" else (
+        f", MKL_DEBUG_CPU_TYPE={env['MKL_DEBUG_CPU_TYPE']}" if "MKL_DEBUG_CPU_TYPE" in env else "")
     for t in sorted({1, threads}):  # 1 thread: what PaddleClas's training gets
         out[f"paddle (MKL, {t} thread{'s' if t > 1 else ''}{mkl})"] = paddle_matmul_gflops(n, t)
     return out
@@ -400,7 +418,8 @@ def bench_model(spec, args, source, pc, workdir, threads):
     fwd, macs = forward_rate(arch, data[2], bs, size, threads, args, workdir)
     print(f"{name} bs{bs}: paddle-inference forward {fwd:.2f} images/s, {macs / 1e9:.4g} GMACs/image",
           flush=True)
-    first = [FT, FT_STOCK] if args.stock_kernels and arch.startswith(DEPTHWISE_FAMILIES) else [FT]
+    variant = comparison_run(arch) if args.stock_kernels else None
+    first = [FT, variant] if variant else [FT]
     order = (first + ([PC, PC] if pc[0] is not None else []) + first[::-1]) * args.repeats
     runs = {tool: [] for tool in dict.fromkeys(order)}
     for k, tool in enumerate(order):
@@ -480,8 +499,10 @@ def runs_note(args, pc):
              + (", the RandCropImage size" if args.image_size else ""))
     order = "ppcls_ft, PaddleClas, PaddleClas, ppcls_ft" if pc else "ppcls_ft, ppcls_ft"
     if args.stock_kernels:
-        order += (f" (for {' and '.join(DEPTHWISE_FAMILIES)}: ppcls_ft, {FT_STOCK}, ..., {FT_STOCK}, "
-                  f"ppcls_ft; {FT_STOCK} is ppcls_ft with PPCLS_FT_KERNELS=stock)")
+        order += (f" (with a comparison run: ppcls_ft, X, ..., X, ppcls_ft; X is {FT_STOCK!r}, "
+                  f"ppcls_ft with PPCLS_FT_KERNELS=stock, for {' and '.join(DEPTHWISE_FAMILIES)}"
+                  + (f", and {FT_AVX2!r}, ppcls_ft with PPCLS_FT_MKL=avx2, for the others"
+                     if _cpu.STATE["route"] == "shim" else "") + ")")
     return (f"- runs: each config from `{args.configs}` with the same `-o` overrides for both: "
             "`Global.device=cpu Global.epochs=E Global.eval_during_train=False "
             "Global.print_batch_step=1 Global.save_interval=E+1 Global.use_visualdl=False "
@@ -495,7 +516,6 @@ def markdown(results, ceilings, args, argv, info):
     threads = info["threads"]
     ceiling_label, ceiling = max(ceilings.items(), key=lambda kv: kv[1])
     amp = [r["name"] for r in results if r["amp"]]
-    mkl = os.environ.get("MKL_DEBUG_CPU_TYPE")
     lines = [
         "# Training speed (images/s, CPU): ppcls_ft vs PaddleClas", "",
         f"Generated by `python benchmarks/train_speed.py {' '.join(map(shlex.quote, argv))}` on "
@@ -505,9 +525,10 @@ def markdown(results, ceilings, args, argv, info):
         *(["**Smoke run**: too few iterations (or a reduced image size) for reliable numbers; rerun "
            "with the defaults.", ""] if args.iters < 10 or args.image_size else []),
         trainers_note(info),
-        f"- environment, the same for both: MKL_DEBUG_CPU_TYPE={mkl or 'unset'}"
-        + (" (ppcls_ft sets 5 itself on AMD, so PaddleClas gets MKL's AVX2 path too)" if mkl else "")
-        + f", OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}, PYTHONUNBUFFERED=1 "
+        f"- environment: MKL for ppcls_ft: {_cpu.mkl_route_text()}; for PaddleClas: "
+        f"MKL_DEBUG_CPU_TYPE={child_env(PC).get('MKL_DEBUG_CPU_TYPE', 'unset')} (on AMD: MKL's AVX2 "
+        "path, the best an environment variable gives it; as shipped it runs MKL's generic path). "
+        f"Both: OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}, PYTHONUNBUFFERED=1 "
         "(PYTHONPATH: this checkout for ppcls_ft, unset for PaddleClas).",
         f"- data: for each model, batch x {args.iters} {results[0]['data'] if results else ''} "
         f"(one epoch), training crop {args.image_size or 'as in the config (224)'}, loader workers "

@@ -54,3 +54,21 @@ def test_train_speed_smoke(tmp_path, shared, tiny_dataset):
     assert len(cells) == header.count("|") - 1 and cells[4] == "n/a"
     assert float(cells[3].split()[0]) > 0 and float(cells[8]) > 0.1  # images/s, peak RSS GiB
     assert "| PPLCNet_x0_25 | 4 | 32 |" in text  # the forward table
+
+
+def test_train_speed_environments_and_comparison_runs(monkeypatch):
+    """PaddleClas gets MKL's AVX2 path on AMD (not its generic one); ppcls_ft chooses its own;
+    the comparison run is the stock kernels for depthwise families, MKL's AVX2 path otherwise."""
+    bench = load_script("train_speed")
+    monkeypatch.delenv("MKL_DEBUG_CPU_TYPE", raising=False)
+    monkeypatch.setattr(bench.ppcls_ft, "CPU_VENDOR", "AMD")
+    assert bench.child_env(bench.PC)["MKL_DEBUG_CPU_TYPE"] == "5"
+    assert "PYTHONPATH" not in bench.child_env(bench.PC)
+    assert "MKL_DEBUG_CPU_TYPE" not in bench.child_env(bench.FT)
+    assert bench.child_env(bench.FT_AVX2)["PPCLS_FT_MKL"] == "avx2"
+    assert bench.child_env(bench.FT_STOCK)["PPCLS_FT_KERNELS"] == "stock"
+    monkeypatch.setitem(bench._cpu.STATE, "route", "shim")
+    assert bench.comparison_run("ResNet50") == bench.FT_AVX2
+    assert bench.comparison_run("MobileNetV2") == bench.FT_STOCK
+    monkeypatch.setitem(bench._cpu.STATE, "route", "avx2")
+    assert bench.comparison_run("ResNet50") is None
