@@ -62,8 +62,11 @@ def setup_device(device="cpu", cpu_threads=None, logger=None):
     cores = available_cores()
     threads = int(cpu_threads or cores)
     paddle.base.core.set_num_threads(threads)
-    from .._cpu import mkl_route_text
+    from .._cpu import keep_freed_memory, mkl_route_text
     fast = mkl_route_text()
+    heap = keep_freed_memory()
+    if heap:
+        fast += f", {heap}"
     from .. import kernels
     banner = (f"device cpu: {threads} math threads of {cores} cores, {CPU_VENDOR} CPU with "
               f"{cpu_simd()}, {fast}, {kernels.status()}")
