@@ -129,14 +129,16 @@ def write_table(path, tag, args, results):
              f"{args.batch_size}, CPU with {available_cores()} cores, "
              f"{time.strftime('%Y-%m-%d')}.", "",
              "| run | best val top-1 | final val top-1 | epochs | minutes | minutes to 0.90 "
-             "| train images/s (all epochs) | verdict |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| train images/s (all epochs) | RSS after each epoch (MiB) | verdict |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in results.items():
         final = "—" if r["final_top1"] is None else f"{r['final_top1']:.4f}"
         to90 = r.get("minutes_to_090")
+        rss = [h.get("rss_mib") for h in r["history"]]
+        rss = ", ".join(f"{v:.0f}" for v in rss) if rss and None not in rss else "—"
         lines.append(f"| {name} | {r['best_top1']:.4f} | {final} | {r['epochs']} | {r['minutes']} | "
                      f"{'—' if to90 is None else to90} | {r.get('overall_images_per_sec', r['images_per_sec'])} "
-                     f"| {r['verdict']} |")
+                     f"| {rss} | {r['verdict']} |")
     lines += ["", f"![curves]({path.with_suffix('.png').name})", ""]
     text = "\n".join(lines)
     path.write_text(text)

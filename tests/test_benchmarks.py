@@ -28,6 +28,8 @@ def test_finetune_flowers_smoke(tmp_path, tiny_dataset):
     saved = json.loads((out / "flowers5_mini_32px.json").read_text())
     assert list(saved["results"]) == ["scratch"]
     assert "| scratch |" in (out / "flowers5_mini_32px.md").read_text()
+    rss = saved["results"]["scratch"]["history"][0]["rss_mib"]  # the trainer's memory per epoch
+    assert rss > 100 and f"| {rss:.0f} |" in (out / "flowers5_mini_32px.md").read_text()
     assert (out / "flowers5_mini_32px.png").stat().st_size > 1000
 
 

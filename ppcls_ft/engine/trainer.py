@@ -24,6 +24,7 @@ import paddle
 from ..data.loader import iterate, set_epoch
 from ..errors import DataError
 from ..utils import distributed as dist
+from ..utils.device import rss_mib
 from ..utils.logger import format_eta, format_values
 from ..utils.seeding import BATCH_OP, SeedTree
 from .analysis import ClassStats, format_per_class
@@ -91,6 +92,7 @@ class Trainer:
                 record.update(self.maybe_evaluate(epoch))
                 # wall time of this process so far, evaluation included: "minutes to 0.90"
                 record["elapsed_seconds"] = round(time.time() - began, 2)
+                record["rss_mib"] = rss_mib()  # this process's memory after the epoch: flat, or a leak
                 self.state.history.append(record)
                 self.state.epoch = epoch
                 self.save_epoch(epoch, record)
