@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine with Python 3.10+ and pip:
 #   make demo   install, build the embedded demo dataset, fine-tune, evaluate, export, predict
 #   make test   install test dependencies (with the [serve] extra: its tests must run) and run the suite
+#               in two processes (pytest-xdist; one test file per process at a time)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -28,7 +29,7 @@ $(NP1)/.ok:
 
 test: $(STAMP) $(NP1)/.ok
 	PPCLS_FT_NUMPY1_PYTHON=$$(test -f $(NP1)/.ok && echo $(abspath $(NP1))/bin/python) \
-	  $(PY) -m pytest -q tests
+	  $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) $(NP1) output build *.egg-info

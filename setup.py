@@ -30,7 +30,9 @@ setup(
         "onnx": ["paddle2onnx>=2.0", "onnxruntime>=1.16", "onnx_graphsurgeon>=0.3.27"],
         # The HTTP service (deploy/serve.py): pip install -e .[serve]
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9"],
-        # httpx: the tests talk to a real server; make test installs .[cpu,test,serve]
-        "test": ["pytest>=7", "httpx>=0.27"],
+        # httpx: the tests talk to a real server; pytest-xdist: make test runs two test processes
+        # (most tests wait on a subprocess or a Python import, so two fit on two cores);
+        # make test installs .[cpu,test,serve]
+        "test": ["pytest>=7", "httpx>=0.27", "pytest-xdist>=3"],
     },
 )

@@ -232,6 +232,8 @@ def child_env(tool=FT):
             env["PPCLS_FT_KERNELS"] = "stock"
         if tool == FT_AVX2:
             env["PPCLS_FT_MKL"] = "avx2"
+        if _cpu.STATE["route"] == "avx2":  # set by this process's ppcls_ft, not by the user
+            env.pop("MKL_DEBUG_CPU_TYPE", None)
     else:
         env.pop("PYTHONPATH", None)
         if ppcls_ft.CPU_VENDOR == "AMD":

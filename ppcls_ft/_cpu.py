@@ -21,8 +21,10 @@ anything imports paddle.
 import ctypes
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -62,25 +64,31 @@ def _shim_path():
 
 def _build_shim(path):
     """Compile the shim into ``path`` (atomically: concurrent processes each rename a whole file)."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    compiler = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc")]
+    if compiler[0] is None:
         raise RuntimeError("no C compiler (cc, gcc) on PATH")
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         src, out = Path(tmp) / "shim.c", Path(tmp) / "shim.so"
         src.write_text(_SHIM_SOURCE)
-        proc = subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", str(out), str(src)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
+        proc = subprocess.run(compiler + ["-shared", "-fPIC", "-O2", "-o", str(out), str(src)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              errors="replace", timeout=60, check=False)
         if proc.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {proc.stdout.strip()[-300:]}")
+            raise RuntimeError(f"{' '.join(compiler)} failed: {proc.stdout.strip()[-300:]}")
         os.replace(out, path)
 
 
 def _load_shim():
     path = _shim_path()
-    if not path.is_file():
+    try:
+        if not path.is_file():
+            _build_shim(path)
+        ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+    except OSError:  # a read-only cache or a damaged file there: build a private copy, once
+        path = Path(tempfile.mkdtemp(prefix="ppcls_ft-mkl-")) / path.name
         _build_shim(path)
-    ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
 
 
 def prepare_cpu_env():
@@ -90,13 +98,15 @@ def prepare_cpu_env():
         STATE["route"] = "user" if "MKL_DEBUG_CPU_TYPE" in os.environ else "native"
         return vendor
     wanted = os.environ.get("PPCLS_FT_MKL", "auto").strip().lower()
-    if wanted != "avx2" and has_avx512():
+    if "paddle" in sys.modules:  # MKL may be loaded and bound already: only the variable can help
+        STATE["error"] = "paddle was imported before ppcls_ft"
+    elif wanted != "avx2" and has_avx512():
         try:
             _load_shim()
             STATE["route"] = "shim"
             return vendor
-        except (OSError, RuntimeError) as exc:  # no compiler, read-only home: the AVX2 route
-            STATE["error"] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - no compiler, a hung one, anything: importing
+            STATE["error"] = str(exc)[:300]  # ppcls_ft must not fail for a speed-up
     os.environ["MKL_DEBUG_CPU_TYPE"] = "5"
     STATE["route"] = "avx2"
     return vendor
@@ -124,9 +134,14 @@ def mkl_path():
 
 
 def mkl_route_text():
-    """One phrase for the start-up banner: which MKL path this process takes, and why."""
+    """One phrase for the start-up banner: which MKL path this process takes, and why. On the
+    shim route it asks MKL itself, so a shim MKL ignored is said, not assumed."""
     route = STATE["route"]
     if route == "shim":
+        path = mkl_path() or "unknown"
+        if "AVX-512" not in path:
+            return (f"MKL path {path!r}, not AVX-512: MKL ignored ppcls_ft's vendor shim "
+                    "(set PPCLS_FT_MKL=avx2 for its AVX2 path)")
         return "MKL AVX-512 path on AMD (ppcls_ft's vendor shim; PPCLS_FT_MKL=avx2 turns it off)"
     if route == "avx2":
         why = f"; AVX-512 shim unavailable: {STATE['error']}" if STATE["error"] else ""
@@ -153,6 +168,8 @@ def keep_freed_memory():
     these two settings freed blocks go back to the heap and are reused; the heap stays at the
     step's peak instead of being given back and faulted in again. No allocator on PyPI can be
     switched to inside a running process (jemalloc and tcmalloc need LD_PRELOAD), hence mallopt.
+    It is process-wide and stays for the process's life (forked loader workers inherit it): the
+    resident memory becomes the high-water mark of the run so far, not what is in use now.
     """
     if os.environ.get("PPCLS_FT_MALLOC", "auto").strip().lower() == "system":
         return None

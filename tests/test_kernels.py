@@ -129,19 +129,24 @@ def test_the_build_runs_in_a_child_and_leaves_this_processs_output_alone(monkeyp
     import time
 
     monkeypatch.setenv("PPCLS_FT_KERNEL_DIR", str(tmp_path))
-    monkeypatch.setattr(kernels, "_BUILD_CHILD", "import sys, time\n"
-                        "print('cc1plus: error: bad flag'); sys.stdout.flush(); time.sleep(1.0)\n"
+    printed = tmp_path / "printed"
+    # the "compiler" runs until the other thread has printed, so the line falls inside the build
+    monkeypatch.setattr(kernels, "_BUILD_CHILD", "import os, sys, time\n"
+                        "print('cc1plus: error: bad flag'); sys.stdout.flush()\n"
+                        f"deadline = time.time() + 30\n"
+                        f"while not os.path.exists({str(printed)!r}) and time.time() < deadline:\n"
+                        "    time.sleep(0.05)\n"
                         "sys.exit(3)")
-    started = threading.Event()
 
     def other_thread():
-        started.wait()
-        time.sleep(0.3)  # the child is compiling now
+        while not list(tmp_path.glob("*/.lock")):  # _build holds the lock while the child runs
+            time.sleep(0.05)
+        time.sleep(0.3)
         print("a reader thread's line", flush=True)
+        printed.touch()
 
-    reader = threading.Thread(target=other_thread)
+    reader = threading.Thread(target=other_thread, daemon=True)
     reader.start()
-    started.set()
     with pytest.raises(RuntimeError, match=r"exited with 3.*cc1plus: error: bad flag"):
         kernels._build()
     reader.join()

@@ -92,7 +92,9 @@ class Trainer:
                 record.update(self.maybe_evaluate(epoch))
                 # wall time of this process so far, evaluation included: "minutes to 0.90"
                 record["elapsed_seconds"] = round(time.time() - began, 2)
-                record["rss_mib"] = rss_mib()  # this process's memory after the epoch: flat, or a leak
+                # resident memory after the epoch: the heap's high-water mark (freed memory is
+                # kept for reuse, _cpu.keep_freed_memory), so growth across epochs is what to watch
+                record["rss_mib"] = rss_mib()
                 self.state.history.append(record)
                 self.state.epoch = epoch
                 self.save_epoch(epoch, record)

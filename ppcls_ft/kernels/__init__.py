@@ -83,6 +83,9 @@ load(name=args["name"], sources=args["sources"], build_directory=args["out_dir"]
 """
 
 
+_BUILD_TIMEOUT = 600  # s; about 15 on these cores. A hung compiler must not hold every rank's lock.
+
+
 def _build():
     import fcntl
     import json
@@ -106,13 +109,17 @@ def _build():
             return op
         logging.getLogger("ppcls_ft").info("building ppcls_ft's CPU kernels for this machine "
                                            f"(once, about 15 s) in {out_dir}")
-        child = subprocess.run([sys.executable, "-c", _BUILD_CHILD, json.dumps(args)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               errors="replace", check=False)
+        try:  # cwd: a stray paddle/ or json.py in the user's folder must not shadow the real ones
+            child = subprocess.run([sys.executable, "-c", _BUILD_CHILD, json.dumps(args)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   errors="replace", cwd=out_dir, timeout=_BUILD_TIMEOUT, check=False)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"the build took over {_BUILD_TIMEOUT} s and was stopped") from None
         op = _load_built(out_dir) if child.returncode == 0 else None
         if op is None:
-            raise RuntimeError(f"the build exited with {child.returncode}; build log: "
-                               f"{child.stdout[-1500:]}")
+            what = (f"exited with {child.returncode}" if child.returncode else
+                    f"wrote no {NAME}.so")
+            raise RuntimeError(f"the build {what}; build log: {child.stdout[-1500:]}")
         return op
 
 
