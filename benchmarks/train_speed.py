@@ -241,11 +241,16 @@ def child_env(tool=FT):
     return env
 
 
+def shim_active():
+    """Whether ppcls_ft took MKL's AVX-512 path (the vendor shim) in this process, so its children too."""
+    return _cpu.STATE["route"] == "shim"
+
+
 def comparison_run(arch):
     """The ppcls_ft variant measured beside ppcls_ft for this model, or None."""
     if arch.startswith(DEPTHWISE_FAMILIES):
         return FT_STOCK
-    return FT_AVX2 if _cpu.STATE["route"] == "shim" else None
+    return FT_AVX2 if shim_active() else None
 
 
 # ---------------------------------------------------------------------------- one run
@@ -395,7 +400,7 @@ def matmul_ceiling(n, threads):
     out = {label: float(subprocess.run([sys.executable, "-c", NUMPY_MATMUL, str(n)], env=e, check=True,
                                        capture_output=True, text=True).stdout.split()[-1])
            for label, e in runs.items()}
-    mkl = ", AVX-512 path (ppcls_ft's shim)" if _cpu.STATE["route"] == "shim" else (
+    mkl = ", AVX-512 path (ppcls_ft's shim)" if shim_active() else (
         f", MKL_DEBUG_CPU_TYPE={env['MKL_DEBUG_CPU_TYPE']}" if "MKL_DEBUG_CPU_TYPE" in env else "")
     for t in sorted({1, threads}):  # 1 thread: what PaddleClas's training gets
         out[f"paddle (MKL, {t} thread{'s' if t > 1 else ''}{mkl})"] = paddle_matmul_gflops(n, t)
@@ -504,7 +509,7 @@ def runs_note(args, pc):
         order += (f" (with a comparison run: ppcls_ft, X, ..., X, ppcls_ft; X is {FT_STOCK!r}, "
                   f"ppcls_ft with PPCLS_FT_KERNELS=stock, for {' and '.join(DEPTHWISE_FAMILIES)}"
                   + (f", and {FT_AVX2!r}, ppcls_ft with PPCLS_FT_MKL=avx2, for the others"
-                     if _cpu.STATE["route"] == "shim" else "") + ")")
+                     if shim_active() else "") + ")")
     return (f"- runs: each config from `{args.configs}` with the same `-o` overrides for both: "
             "`Global.device=cpu Global.epochs=E Global.eval_during_train=False "
             "Global.print_batch_step=1 Global.save_interval=E+1 Global.use_visualdl=False "

@@ -34,16 +34,31 @@ STATE = {"route": None, "error": None}
 
 
 def _cpuinfo_head(size=1 << 14):
+    """The start of /proc/cpuinfo (the first processor's block), or None where it is unreadable."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             return f.read(size)
     except OSError:
-        return ""
+        return None
+
+
+def cpuinfo_line(key):
+    """The first processor's ``key`` line of /proc/cpuinfo (e.g. ``"flags"``), whole; "" when
+    absent, None when /proc/cpuinfo is unreadable. The one reader of it in ppcls_ft."""
+    head = _cpuinfo_head()
+    if head is None:
+        return None
+    return next((ln for ln in head.splitlines() if ln.startswith(key)), "")
+
+
+def kernel_cache_root():
+    """Where compiled helpers live: ``PPCLS_FT_KERNEL_DIR``, else ``~/.cache/ppcls_ft/kernels``."""
+    return Path(os.environ.get("PPCLS_FT_KERNEL_DIR") or Path.home() / ".cache" / "ppcls_ft" / "kernels")
 
 
 def cpu_vendor():
     """'AMD', 'Intel' or 'unknown', read from /proc/cpuinfo (Linux) without importing paddle."""
-    head = _cpuinfo_head(4096)
+    head = _cpuinfo_head(4096) or ""
     if "AuthenticAMD" in head:
         return "AMD"
     if "GenuineIntel" in head:
@@ -52,14 +67,13 @@ def cpu_vendor():
 
 
 def has_avx512():
-    flags = next((ln for ln in _cpuinfo_head().splitlines() if ln.startswith("flags")), "").split()
+    flags = (cpuinfo_line("flags") or "").split()
     return all(flag in flags for flag in _AVX512)
 
 
 def _shim_path():
-    root = os.environ.get("PPCLS_FT_KERNEL_DIR") or Path.home() / ".cache" / "ppcls_ft" / "kernels"
     digest = hashlib.sha256(_SHIM_SOURCE.encode()).hexdigest()[:12]
-    return Path(root) / f"mkl-vendor-shim-{digest}.so"
+    return kernel_cache_root() / f"mkl-vendor-shim-{digest}.so"
 
 
 def _build_shim(path):
@@ -80,15 +94,16 @@ def _build_shim(path):
 
 
 def _load_shim():
-    path = _shim_path()
-    try:
+    def load(path):
         if not path.is_file():
             _build_shim(path)
         ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+
+    path = _shim_path()
+    try:
+        load(path)
     except OSError:  # a read-only cache or a damaged file there: build a private copy, once
-        path = Path(tempfile.mkdtemp(prefix="ppcls_ft-mkl-")) / path.name
-        _build_shim(path)
-        ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+        load(Path(tempfile.mkdtemp(prefix="ppcls_ft-mkl-")) / path.name)
 
 
 def prepare_cpu_env():

@@ -31,9 +31,15 @@ print(json.dumps({"route": _cpu.STATE["route"], "error": _cpu.STATE["error"],
 """
 
 
-def _probe(tmp_path, name, **env):
+def _clean_env(tmp_path, **env):
+    """This environment without the MKL choices, this checkout first, a private helper cache."""
     full = {k: v for k, v in os.environ.items() if k not in ("MKL_DEBUG_CPU_TYPE", "PPCLS_FT_MKL")}
     full.update(PYTHONPATH=str(REPO), PPCLS_FT_KERNEL_DIR=str(tmp_path / "cache"), **env)
+    return full
+
+
+def _probe(tmp_path, name, **env):
+    full = _clean_env(tmp_path, **env)
     out = tmp_path / f"{name}.npy"
     proc = subprocess.run([sys.executable, "-c", PROBE, str(out)], env=full, capture_output=True,
                           text=True, timeout=120, check=False)
@@ -120,8 +126,7 @@ def test_freed_tensor_memory_is_reused_instead_of_faulted_in_again():
 
 @pytest.mark.skipif(not AMD_AVX512, reason=NOT_AMD_AVX512)
 def test_paddle_imported_first_takes_the_variable_route_and_says_why(tmp_path):
-    full = {k: v for k, v in os.environ.items() if k not in ("MKL_DEBUG_CPU_TYPE", "PPCLS_FT_MKL")}
-    full.update(PYTHONPATH=str(REPO), PPCLS_FT_KERNEL_DIR=str(tmp_path / "cache"))
+    full = _clean_env(tmp_path)
     code = ("import paddle, ppcls_ft, os\nfrom ppcls_ft import _cpu\n"
             "print(_cpu.STATE['route'], os.environ.get('MKL_DEBUG_CPU_TYPE'), '|', _cpu.mkl_route_text())")
     proc = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True,

@@ -22,6 +22,8 @@ import logging
 import os
 from pathlib import Path
 
+from .._cpu import cpuinfo_line, kernel_cache_root
+
 _SOURCE = Path(__file__).with_name("depthwise_conv.cc")
 _STATE = {"tried": False, "op": None, "error": None}
 
@@ -33,12 +35,7 @@ def enabled():
 def _cpu_key():
     """The CPU the library is built for (-march=native): a build must never be loaded on another
     kind of CPU (a shared home or a copied cache would crash it with an illegal instruction)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        info = ""
-    model = next((ln for ln in info.splitlines() if ln.startswith("model name")), "")
-    flags = next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
+    model, flags = cpuinfo_line("model name") or "", cpuinfo_line("flags") or ""
     return hashlib.sha256((model + flags).encode()).hexdigest()[:8]
 
 
@@ -46,8 +43,7 @@ def build_dir():
     import paddle
 
     digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
-    root = os.environ.get("PPCLS_FT_KERNEL_DIR") or Path.home() / ".cache" / "ppcls_ft" / "kernels"
-    return Path(root) / f"paddle{paddle.__version__}-{digest}-cpu{_cpu_key()}"
+    return kernel_cache_root() / f"paddle{paddle.__version__}-{digest}-cpu{_cpu_key()}"
 
 
 NAME = "ppcls_ft_dwconv"

@@ -9,6 +9,7 @@ import os
 import paddle
 
 from .. import CPU_VENDOR
+from .._cpu import cpuinfo_line
 
 
 def available_cores():
@@ -21,10 +22,8 @@ def available_cores():
 
 def cpu_simd():
     """The widest x86 vector extension the CPU reports: 'avx512', 'avx2', 'avx' or 'none'."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
+    flags = cpuinfo_line("flags")
+    if flags is None:
         return "unknown"
     for name in ("avx512f", "avx2", "avx"):
         if f" {name}" in flags:
