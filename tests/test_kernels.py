@@ -3,6 +3,7 @@ against Paddle's own kernel, inside the models, and its fallbacks."""
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 import paddle
@@ -49,32 +50,64 @@ def test_values_and_gradients_equal_paddles_kernel(op, n, c, h, w, k, s):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-4 * max(1.0, np.abs(a).max()), err_msg=name)
 
 
+_TRAIN_ALIKE = """
+import json, sys
+import numpy as np, paddle
+import paddle.nn.functional as F
+from ppcls_ft import kernels
+from ppcls_ft.models import build_model
+from ppcls_ft.models.layers import Conv2D
+assert kernels.depthwise_op() is not None, kernels._STATE["error"]
+paddle.seed(0)
+model = build_model({"name": sys.argv[1], "class_num": 4}, load_weights=False)
+model.train()
+x = paddle.to_tensor(np.random.default_rng(1).standard_normal([4, 3, 48, 48]).astype(np.float32))
+y = paddle.to_tensor(np.arange(4))
+fast = [m for m in model.sublayers() if isinstance(m, Conv2D) and m._fast]
+
+def step():
+    paddle.seed(7)  # PPLCNet's dropout draws the same mask both times
+    logits = model(x)
+    F.cross_entropy(logits, y).backward()
+    grads = {k: p.grad.numpy().copy() for k, p in model.named_parameters() if p.grad is not None}
+    model.clear_gradients()
+    return logits.numpy(), grads
+
+with kernels.stock():
+    ref_logits, ref = step()
+logits, ours = step()
+scale = max(np.abs(g).max() for g in ref.values())
+print(json.dumps({"fast": len(fast), "same_keys": ref.keys() == ours.keys(),
+                  "logits": float(np.abs(logits - ref_logits).max()),
+                  "logits_scale": float(np.abs(ref_logits).max()),
+                  "grads": {k: float(np.abs(ours[k] - ref[k]).max()) for k in ref}, "scale": float(scale)}))
+"""
+
+
 @pytest.mark.parametrize("name", ["MobileNetV2", "PPLCNet_x0_25"])
 def test_models_train_alike_with_either_kernel(op, name):
-    """Forward bit-equal, every parameter gradient within 1e-4 of the largest, one model."""
-    model = build_model({"name": name, "class_num": 4}, load_weights=False)
-    model.train()
-    x = paddle.to_tensor(np.random.default_rng(1).standard_normal([4, 3, 48, 48]).astype(np.float32))
-    y = paddle.to_tensor(np.arange(4))
-    fast = [m for m in model.sublayers() if isinstance(m, Conv2D) and m._fast]
-    assert fast, "no depthwise layer took the fast path"
+    """Forward bit-equal, every parameter gradient within 1e-4 of the largest, one model.
 
-    def step():
-        paddle.seed(7)  # PPLCNet's dropout draws the same mask both times
-        logits = model(x)
-        F.cross_entropy(logits, y).backward()
-        grads = {k: p.grad.numpy().copy() for k, p in model.named_parameters() if p.grad is not None}
-        model.clear_gradients()
-        return logits.numpy(), grads
+    Run on MKL's AVX2 path (PPCLS_FT_MKL=avx2, a child process): there Paddle's im2col GEMM sums
+    a depthwise tap in the kernel's order. On MKL's AVX-512 path the two differ in the last bit,
+    and a random-weight network in train mode turns that into gradient differences of up to 8 %
+    (ReLU6 kinks flip), which says nothing about the kernel."""
+    import json
+    import os
+    import subprocess
+    import sys
 
-    with kernels.stock():
-        ref_logits, ref = step()
-    logits, ours = step()
-    np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
-    scale = max(np.abs(g).max() for g in ref.values())
-    assert ref.keys() == ours.keys()
-    for key in ref:
-        np.testing.assert_allclose(ours[key], ref[key], atol=1e-4 * scale, err_msg=key)
+    env = {k: v for k, v in os.environ.items() if k != "MKL_DEBUG_CPU_TYPE"}
+    env.update(PPCLS_FT_MKL="avx2", PYTHONPATH=str(Path(kernels.__file__).resolve().parents[2]))
+    proc = subprocess.run([sys.executable, "-c", _TRAIN_ALIKE, name], env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["fast"], "no depthwise layer took the fast path"
+    assert res["logits"] <= 1e-5 + 1e-5 * res["logits_scale"]
+    assert res["same_keys"]
+    for key, diff in res["grads"].items():
+        assert diff <= 1e-4 * res["scale"], (key, diff, res["scale"])
 
 
 def test_parameter_names_and_keys_are_paddles(op):
