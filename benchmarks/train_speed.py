@@ -86,8 +86,8 @@ FT, PC = "ppcls_ft", "PaddleClas"
 # that have depthwise layers.
 FT_STOCK = "ppcls_ft, stock kernels"
 DEPTHWISE_FAMILIES = ("MobileNet", "PPLCNet")
-# ppcls_ft on MKL's AVX2 path (PPCLS_FT_MKL=avx2) where it otherwise takes MKL's AVX-512 path on an
-# AMD CPU (ppcls_ft/_cpu.py): what that adds, for the families without depthwise layers.
+# ppcls_ft on MKL's AVX2 path (PPCLS_FT_MKL=avx2) where it otherwise takes MKL's AVX-512 path (on an
+# AMD CPU through ppcls_ft/_cpu.py's shim): what that adds, for the families without depthwise layers.
 FT_AVX2 = "ppcls_ft, MKL AVX2 path"
 ITER_LINE = re.compile(r"\[Train\]\[Epoch (\d+)/\d+\]\[Iter: (\d+)/(\d+)\]")
 AVG_LINE = re.compile(r"\[Train\]\[Epoch (\d+)/\d+\]\[Avg\]")
@@ -226,14 +226,15 @@ def child_env(tool=FT):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("PPCLS_FT_KERNELS", None)
     env.pop("PPCLS_FT_MKL", None)
+    if _cpu.STATE["route"] == "avx2":  # set by this process's ppcls_ft, not by the user
+        env.pop("MKL_DEBUG_CPU_TYPE", None)
+        env.pop("MKL_ENABLE_INSTRUCTIONS", None)
     if tool in (FT, FT_STOCK, FT_AVX2):
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
         if tool == FT_STOCK:
             env["PPCLS_FT_KERNELS"] = "stock"
         if tool == FT_AVX2:
             env["PPCLS_FT_MKL"] = "avx2"
-        if _cpu.STATE["route"] == "avx2":  # set by this process's ppcls_ft, not by the user
-            env.pop("MKL_DEBUG_CPU_TYPE", None)
     else:
         env.pop("PYTHONPATH", None)
         if ppcls_ft.CPU_VENDOR == "AMD":
@@ -246,11 +247,17 @@ def shim_active():
     return _cpu.STATE["route"] == "shim"
 
 
+def avx512_path():
+    """Whether ppcls_ft's children take MKL's AVX-512 path: through the shim on AMD, natively on
+    an Intel CPU with AVX-512."""
+    return shim_active() or (_cpu.STATE["route"] == "native" and _cpu.has_avx512())
+
+
 def comparison_run(arch):
     """The ppcls_ft variant measured beside ppcls_ft for this model, or None."""
     if arch.startswith(DEPTHWISE_FAMILIES):
         return FT_STOCK
-    return FT_AVX2 if shim_active() else None
+    return FT_AVX2 if avx512_path() else None
 
 
 # ---------------------------------------------------------------------------- one run
@@ -400,7 +407,7 @@ def matmul_ceiling(n, threads):
     out = {label: float(subprocess.run([sys.executable, "-c", NUMPY_MATMUL, str(n)], env=e, check=True,
                                        capture_output=True, text=True).stdout.split()[-1])
            for label, e in runs.items()}
-    mkl = ", AVX-512 path (ppcls_ft's shim)" if shim_active() else (
+    mkl = ", AVX-512 path (ppcls_ft's shim)" if shim_active() else ", AVX-512 path" if avx512_path() else (
         f", MKL_DEBUG_CPU_TYPE={env['MKL_DEBUG_CPU_TYPE']}" if "MKL_DEBUG_CPU_TYPE" in env else "")
     for t in sorted({1, threads}):  # 1 thread: what PaddleClas's training gets
         out[f"paddle (MKL, {t} thread{'s' if t > 1 else ''}{mkl})"] = paddle_matmul_gflops(n, t)
@@ -509,7 +516,7 @@ def runs_note(args, pc):
         order += (f" (with a comparison run: ppcls_ft, X, ..., X, ppcls_ft; X is {FT_STOCK!r}, "
                   f"ppcls_ft with PPCLS_FT_KERNELS=stock, for {' and '.join(DEPTHWISE_FAMILIES)}"
                   + (f", and {FT_AVX2!r}, ppcls_ft with PPCLS_FT_MKL=avx2, for the others"
-                     if shim_active() else "") + ")")
+                     if avx512_path() else "") + ")")
     return (f"- runs: each config from `{args.configs}` with the same `-o` overrides for both: "
             "`Global.device=cpu Global.epochs=E Global.eval_during_train=False "
             "Global.print_batch_step=1 Global.save_interval=E+1 Global.use_visualdl=False "

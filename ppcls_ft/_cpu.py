@@ -14,7 +14,10 @@ training 1.27 -> 2.93 images/s on a 2-core EPYC). Two ways out, both needed befo
   provides this, so it is compiled here, once, with the system C compiler (about 50 ms).
 
 A user's own ``MKL_DEBUG_CPU_TYPE`` wins (then nothing is loaded), ``PPCLS_FT_MKL=avx2`` keeps
-the environment variable route; without a compiler it is the route taken. ``mkl_path()`` reports
+the environment variable route; without a compiler it is the route taken. On an Intel CPU MKL
+picks its best path itself; there ``PPCLS_FT_MKL=avx2`` sets MKL's own
+``MKL_ENABLE_INSTRUCTIONS=AVX2`` (unless the user set it), so the switch means the same on
+either vendor (benchmarks and tests compare the two paths). ``mkl_path()`` reports
 what MKL chose. This module imports nothing heavy so ``ppcls_ft/__init__.py`` can run it before
 anything imports paddle.
 """
@@ -109,10 +112,18 @@ def _load_shim():
 def prepare_cpu_env():
     """Select MKL's fastest path on AMD unless the user already chose; returns the CPU vendor."""
     vendor = cpu_vendor()
-    if vendor != "AMD" or "MKL_DEBUG_CPU_TYPE" in os.environ:
-        STATE["route"] = "user" if "MKL_DEBUG_CPU_TYPE" in os.environ else "native"
-        return vendor
     wanted = os.environ.get("PPCLS_FT_MKL", "auto").strip().lower()
+    user = [key for key in ("MKL_DEBUG_CPU_TYPE", "MKL_ENABLE_INSTRUCTIONS") if key in os.environ]
+    if user:
+        STATE["route"] = "user"
+        return vendor
+    if vendor != "AMD":
+        if wanted == "avx2":
+            os.environ["MKL_ENABLE_INSTRUCTIONS"] = "AVX2"
+            STATE["route"] = "avx2"
+        else:
+            STATE["route"] = "native"
+        return vendor
     if "paddle" in sys.modules:  # MKL may be loaded and bound already: only the variable can help
         STATE["error"] = "paddle was imported before ppcls_ft"
     elif wanted != "avx2" and has_avx512():
@@ -158,11 +169,14 @@ def mkl_route_text():
             return (f"MKL path {path!r}, not AVX-512: MKL ignored ppcls_ft's vendor shim "
                     "(set PPCLS_FT_MKL=avx2 for its AVX2 path)")
         return "MKL AVX-512 path on AMD (ppcls_ft's vendor shim; PPCLS_FT_MKL=avx2 turns it off)"
+    if route == "avx2" and "MKL_DEBUG_CPU_TYPE" not in os.environ:
+        return "MKL AVX2 path (MKL_ENABLE_INSTRUCTIONS=AVX2, from PPCLS_FT_MKL=avx2)"
     if route == "avx2":
         why = f"; AVX-512 shim unavailable: {STATE['error']}" if STATE["error"] else ""
         return f"MKL AVX2 path for AMD (MKL_DEBUG_CPU_TYPE=5{why})"
     if route == "user":
-        return f"MKL_DEBUG_CPU_TYPE={os.environ.get('MKL_DEBUG_CPU_TYPE')} (set by the user)"
+        keys = ("MKL_DEBUG_CPU_TYPE", "MKL_ENABLE_INSTRUCTIONS")
+        return ", ".join(f"{k}={os.environ[k]}" for k in keys if k in os.environ) + " (set by the user)"
     return "MKL native path"
 
 

@@ -33,7 +33,8 @@ print(json.dumps({"route": _cpu.STATE["route"], "error": _cpu.STATE["error"],
 
 def _clean_env(tmp_path, **env):
     """This environment without the MKL choices, this checkout first, a private helper cache."""
-    full = {k: v for k, v in os.environ.items() if k not in ("MKL_DEBUG_CPU_TYPE", "PPCLS_FT_MKL")}
+    full = {k: v for k, v in os.environ.items()
+            if k not in ("MKL_DEBUG_CPU_TYPE", "MKL_ENABLE_INSTRUCTIONS", "PPCLS_FT_MKL")}
     full.update(PYTHONPATH=str(REPO), PPCLS_FT_KERNEL_DIR=str(tmp_path / "cache"), **env)
     return full
 
@@ -70,10 +71,25 @@ def test_without_a_compiler_the_avx2_route_is_taken_and_said(tmp_path):
     assert "no-such-cc" in info["error"] and "shim unavailable" in info["banner"]
 
 
+def test_the_avx2_switch_selects_mkls_avx2_path_on_either_vendor(tmp_path):
+    """PPCLS_FT_MKL=avx2 means MKL's AVX2 path on AMD (MKL_DEBUG_CPU_TYPE=5) and on Intel
+    (MKL_ENABLE_INSTRUCTIONS=AVX2): benchmarks and tests compare the paths through it."""
+    if not _cpu.has_avx512():
+        pytest.skip("without AVX-512 MKL's best path is its AVX2 path already")
+    native, fast = _probe(tmp_path, "native")
+    avx2, ref = _probe(tmp_path, "avx2", PPCLS_FT_MKL="avx2")
+    assert "AVX-512" in (native["mkl"] or ""), native
+    assert avx2["route"] == "avx2" and "AVX2" in avx2["mkl"] and "AVX2" in avx2["banner"], avx2
+    np.testing.assert_allclose(fast, ref, rtol=1e-5, atol=1e-3)
+
+
 def test_a_users_own_mkl_setting_is_left_alone(tmp_path):
     info, _ = _probe(tmp_path, "user", MKL_DEBUG_CPU_TYPE="5")
     assert info["route"] == "user" and info["debug_type"] == "5"
     assert not (tmp_path / "cache").exists()  # nothing built or loaded
+    info, _ = _probe(tmp_path, "user-intel", MKL_ENABLE_INSTRUCTIONS="AVX2", PPCLS_FT_MKL="auto")
+    assert info["route"] == "user" and "MKL_ENABLE_INSTRUCTIONS=AVX2" in info["banner"]
+    assert "AVX2" in info["mkl"]
 
 
 FAULTS = """

@@ -54,7 +54,7 @@ _TRAIN_ALIKE = """
 import json, sys
 import numpy as np, paddle
 import paddle.nn.functional as F
-from ppcls_ft import kernels
+from ppcls_ft import _cpu, kernels
 from ppcls_ft.models import build_model
 from ppcls_ft.models.layers import Conv2D
 assert kernels.depthwise_op() is not None, kernels._STATE["error"]
@@ -77,7 +77,7 @@ with kernels.stock():
     ref_logits, ref = step()
 logits, ours = step()
 scale = max(np.abs(g).max() for g in ref.values())
-print(json.dumps({"fast": len(fast), "same_keys": ref.keys() == ours.keys(),
+print(json.dumps({"mkl": _cpu.mkl_path(), "fast": len(fast), "same_keys": ref.keys() == ours.keys(),
                   "logits": float(np.abs(logits - ref_logits).max()),
                   "logits_scale": float(np.abs(ref_logits).max()),
                   "grads": {k: float(np.abs(ours[k] - ref[k]).max()) for k in ref}, "scale": float(scale)}))
@@ -97,12 +97,13 @@ def test_models_train_alike_with_either_kernel(op, name):
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k != "MKL_DEBUG_CPU_TYPE"}
+    env = {k: v for k, v in os.environ.items() if k not in ("MKL_DEBUG_CPU_TYPE", "MKL_ENABLE_INSTRUCTIONS")}
     env.update(PPCLS_FT_MKL="avx2", PYTHONPATH=str(Path(kernels.__file__).resolve().parents[2]))
     proc = subprocess.run([sys.executable, "-c", _TRAIN_ALIKE, name], env=env, capture_output=True,
                           text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "AVX2" in res["mkl"], res["mkl"]  # the premise: MKL really took its AVX2 path
     assert res["fast"], "no depthwise layer took the fast path"
     assert res["logits"] <= 1e-5 + 1e-5 * res["logits_scale"]
     assert res["same_keys"]
