@@ -81,13 +81,13 @@ DEFAULT_MODELS = ("ResNet50:8", "SwinTransformer_tiny_patch4_window7_224:8", "Mo
                   "PPLCNet_x1_0:32")
 PADDLE_VERSION = "3.3.1"  # what PaddleClas's venv gets: the version ppcls_ft is developed on
 FT, PC = "ppcls_ft", "PaddleClas"
-# ppcls_ft with Paddle's own kernels everywhere (PPCLS_FT_KERNELS=stock): what its depthwise
-# convolution kernel (ppcls_ft/kernels) adds, measured in the same run; only for the families
-# that have depthwise layers.
+# ppcls_ft with Paddle's own kernels everywhere (PPCLS_FT_KERNELS=stock): what its CPU kernels
+# (ppcls_ft/kernels: depthwise convolution; LayerNorm and GELU) add, measured in the same run;
+# only for the families that use them.
 FT_STOCK = "ppcls_ft, stock kernels"
-DEPTHWISE_FAMILIES = ("MobileNet", "PPLCNet")
+KERNEL_FAMILIES = ("MobileNet", "PPLCNet", "SwinTransformer")
 # ppcls_ft on MKL's AVX2 path (PPCLS_FT_MKL=avx2) where it otherwise takes MKL's AVX-512 path (on an
-# AMD CPU through ppcls_ft/_cpu.py's shim): what that adds, for the families without depthwise layers.
+# AMD CPU through ppcls_ft/_cpu.py's shim): what that adds, for the families without such kernels.
 FT_AVX2 = "ppcls_ft, MKL AVX2 path"
 ITER_LINE = re.compile(r"\[Train\]\[Epoch (\d+)/\d+\]\[Iter: (\d+)/(\d+)\]")
 AVG_LINE = re.compile(r"\[Train\]\[Epoch (\d+)/\d+\]\[Avg\]")
@@ -255,7 +255,7 @@ def avx512_path():
 
 def comparison_run(arch):
     """The ppcls_ft variant measured beside ppcls_ft for this model, or None."""
-    if arch.startswith(DEPTHWISE_FAMILIES):
+    if arch.startswith(KERNEL_FAMILIES):
         return FT_STOCK
     return FT_AVX2 if avx512_path() else None
 
@@ -514,7 +514,7 @@ def runs_note(args, pc):
     order = "ppcls_ft, PaddleClas, PaddleClas, ppcls_ft" if pc else "ppcls_ft, ppcls_ft"
     if args.stock_kernels:
         order += (f" (with a comparison run: ppcls_ft, X, ..., X, ppcls_ft; X is {FT_STOCK!r}, "
-                  f"ppcls_ft with PPCLS_FT_KERNELS=stock, for {' and '.join(DEPTHWISE_FAMILIES)}"
+                  f"ppcls_ft with PPCLS_FT_KERNELS=stock, for {', '.join(KERNEL_FAMILIES)}"
                   + (f", and {FT_AVX2!r}, ppcls_ft with PPCLS_FT_MKL=avx2, for the others"
                      if avx512_path() else "") + ")")
     return (f"- runs: each config from `{args.configs}` with the same `-o` overrides for both: "

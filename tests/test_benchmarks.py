@@ -60,7 +60,8 @@ def test_train_speed_smoke(tmp_path, shared, tiny_dataset):
 
 def test_train_speed_environments_and_comparison_runs(monkeypatch):
     """PaddleClas gets MKL's AVX2 path on AMD (not its generic one); ppcls_ft chooses its own;
-    the comparison run is the stock kernels for depthwise families, MKL's AVX2 path otherwise."""
+    the comparison run is the stock kernels for the families with ppcls_ft kernels, MKL's AVX2
+    path otherwise."""
     bench = load_script("train_speed")
     monkeypatch.delenv("MKL_DEBUG_CPU_TYPE", raising=False)
     monkeypatch.setattr(bench.ppcls_ft, "CPU_VENDOR", "AMD")
@@ -72,6 +73,7 @@ def test_train_speed_environments_and_comparison_runs(monkeypatch):
     monkeypatch.setitem(bench._cpu.STATE, "route", "shim")
     assert bench.comparison_run("ResNet50") == bench.FT_AVX2
     assert bench.comparison_run("MobileNetV2") == bench.FT_STOCK
+    assert bench.comparison_run("SwinTransformer_tiny_patch4_window7_224") == bench.FT_STOCK
     monkeypatch.setitem(bench._cpu.STATE, "route", "avx2")
     assert bench.comparison_run("ResNet50") is None
     monkeypatch.setitem(bench._cpu.STATE, "route", "native")  # Intel: MKL's own choice
