@@ -137,12 +137,12 @@ def test_stock_setting_and_a_failed_build_fall_back_to_paddles_kernel(monkeypatc
     x = paddle.to_tensor(np.random.default_rng(2).standard_normal([1, 4, 6, 6]).astype(np.float32))
     layer = Conv2D(4, 4, 3, padding=1, groups=4, bias_attr=False)
     ref = F.conv2d(x, layer.weight, padding=1, groups=4).numpy()
-    monkeypatch.setattr(kernels, "_STATE", {"tried": False, "op": None, "error": None})
+    monkeypatch.setattr(kernels, "_STATE", {"tried": False, "ops": None, "error": None})
     monkeypatch.setenv("PPCLS_FT_KERNELS", "stock")
     assert kernels.depthwise_op() is None and "PPCLS_FT_KERNELS=stock" in kernels.status()
     np.testing.assert_array_equal(layer(x).numpy(), ref)
 
-    monkeypatch.setattr(kernels, "_STATE", {"tried": False, "op": None, "error": None})
+    monkeypatch.setattr(kernels, "_STATE", {"tried": False, "ops": None, "error": None})
     monkeypatch.delenv("PPCLS_FT_KERNELS")
 
     def broken():

@@ -234,3 +234,43 @@ def test_real_paddleclas_arch_sections_validate(shared):
 def test_input_not_multiple_of_32_is_explained(tiny64):
     with pytest.raises(ValueError, match="multiples of 32"):
         run(tiny64, np.zeros((1, 3, 80, 64), "float32"))
+
+
+def _train_step_values(model, x):
+    model.clear_gradients()
+    logits = model(x)
+    (logits * paddle.arange(logits.shape[1], dtype="float32")).sum().backward()
+    return logits.numpy(), {k: p.grad.numpy().copy() for k, p in model.named_parameters()}
+
+
+def test_copying_transposes_change_no_value():
+    """setup_device turns Paddle's strided views off on the CPU (FLAGS_use_stride_kernel=0: a
+    quarter of a Swin step was spent making views contiguous). Logits and every gradient of a
+    training step are the same either way; the user's own flag is left alone."""
+    import os
+
+    from ppcls_ft.utils.device import copying_transposes
+
+    paddle.seed(0)
+    model = build(TINY, class_num=3, img_size=64, drop_path_rate=0.0)
+    model.train()
+    x = paddle.to_tensor(np.random.default_rng(3).standard_normal((2, 3, 64, 64)).astype("float32"))
+    saved = paddle.get_flags(["FLAGS_use_stride_kernel"])
+    try:
+        paddle.set_flags({"FLAGS_use_stride_kernel": True})
+        views = _train_step_values(model, x)
+        assert copying_transposes() is not None
+        assert paddle.get_flags(["FLAGS_use_stride_kernel"])["FLAGS_use_stride_kernel"] is False
+        copies = _train_step_values(model, x)
+        os.environ["FLAGS_use_stride_kernel"] = "1"
+        paddle.set_flags({"FLAGS_use_stride_kernel": True})
+        assert copying_transposes() is None
+        assert paddle.get_flags(["FLAGS_use_stride_kernel"])["FLAGS_use_stride_kernel"] is True
+    finally:
+        os.environ.pop("FLAGS_use_stride_kernel", None)
+        paddle.set_flags(saved)
+    np.testing.assert_allclose(copies[0], views[0], rtol=1e-6, atol=1e-6)
+    assert views[1].keys() == copies[1].keys() and len(views[1]) > 100
+    scale = max(np.abs(g).max() for g in views[1].values())
+    for key, grad in views[1].items():
+        np.testing.assert_allclose(copies[1][key], grad, rtol=1e-5, atol=1e-6 * scale, err_msg=key)

@@ -6,6 +6,8 @@
 * ``lr_attr``: the ``ParamAttr`` PaddleClas builds for ``lr_mult_list`` (Paddle optimizers multiply
   the step by ``param.optimize_attr['learning_rate']``, so 0 freezes a parameter's update).
 * ``Conv2D``: ``nn.Conv2D`` whose depthwise case runs ppcls_ft's CPU kernel (``kernels/``).
+* ``Linear`` / ``add_broadcast``: a bias added over rows whose gradient is a matrix product.
+* ``LayerNorm`` / ``GELU``: ``nn.LayerNorm`` / ``nn.GELU`` running ppcls_ft's CPU kernels.
 * ``DropPath``: stochastic depth, for any family with residual branches (Swin uses it).
 * ``check_lr_mult_list`` / ``check_stride_list``: validation that names ``Arch.<key>``.
 
@@ -13,6 +15,7 @@ MobileNetV2 keeps its own conv block because its PaddleClas keys are ``_conv`` /
 """
 from typing import Optional
 
+import numpy as np
 import paddle
 import paddle.nn as nn
 from paddle import ParamAttr
@@ -53,6 +56,95 @@ class Conv2D(nn.Conv2D):
             op = depthwise_op()
             if op is not None:
                 return op(x, self.weight, int(self._stride[0]), int(self._padding))
+        return super().forward(x)
+
+
+def _rows_plus(x, b, rows):
+    """``x + b`` as ``addmm(x, ones, b)``: a rank-1 product that MKL adds onto x, 4 ms on these
+    cores where Paddle's broadcast add takes 10 ([25088, 384]); the same floats (x + 1 * b)."""
+    ones = paddle.ones([rows, 1], dtype=x.dtype)
+    return paddle.addmm(x.reshape([rows, -1]), ones, b.reshape([1, -1])).reshape(x.shape)
+
+
+class _AddBroadcast(paddle.autograd.PyLayer):
+    """``x + b`` where ``b`` repeats over x's leading axes; b's gradient is ``ones @ dy``.
+
+    Why: Paddle 3.3.1's CPU gradient of a broadcast add sums ``dy`` over the repeated axes with
+    its generic reduction, which on these cores takes 72 ms for a [25088, 384] gradient that MKL's
+    matrix-vector product sums in 0.8 ms: a Linear's bias cost 4x its matrix product, and the bias
+    adds were a fifth of a Swin-T training step (docs/benchmarks/train_speed.md)."""
+
+    @staticmethod
+    def forward(ctx, x, b, rows):
+        ctx.rows, ctx.b_shape, ctx.x_grad = rows, b.shape, not x.stop_gradient
+        return _rows_plus(x, b, rows)
+
+    @staticmethod
+    def backward(ctx, dy):
+        ones = paddle.ones([1, ctx.rows], dtype=dy.dtype)
+        db = paddle.matmul(ones, dy.reshape([ctx.rows, -1])).reshape(ctx.b_shape)
+        return (dy if ctx.x_grad else None), db
+
+
+def add_broadcast(x, b):
+    """``x + b`` for a ``b`` whose shape is x's trailing axes (optionally led by 1s), the fast way
+    in dygraph. Static graphs (so exports) and other shapes get the plain add; the values are
+    the same either way."""
+    trailing = list(b.shape)
+    while len(trailing) > 1 and trailing[0] == 1:
+        trailing = trailing[1:]
+    if not paddle.in_dynamic_mode() or list(x.shape[len(x.shape) - len(trailing):]) != trailing:
+        return x + b
+    rows = int(np.prod(x.shape)) // int(np.prod(trailing))
+    grad = paddle.is_grad_enabled()
+    if not grad or (x.stop_gradient and b.stop_gradient):
+        return _rows_plus(x, b, rows)
+    if b.stop_gradient:  # x's gradient is dy itself: nothing to sum
+        return x + b
+    return _AddBroadcast.apply(x, b, rows)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, names and keys: Paddle derives the names from the class
+    name) whose bias is added by ``add_broadcast``."""
+
+    def forward(self, x):
+        if self.bias is None:
+            return paddle.matmul(x, self.weight)
+        return add_broadcast(paddle.matmul(x, self.weight), self.bias)
+
+
+def _cpu_kernels(x):
+    """ppcls_ft's compiled CPU operators when ``x`` may use them (dygraph, a float32 CPU tensor,
+    the build available), else None."""
+    if paddle.in_dynamic_mode() and x.dtype == paddle.float32 and x.place.is_cpu_place():
+        from ..kernels import ops
+        return ops()
+    return None
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters, names and keys) over the last axis, running ppcls_ft's
+    CPU kernel (``kernels/norm_act.cc``: its backward 10x Paddle's on these cores) where
+    ``_cpu_kernels`` allows and the layer has both scale and shift; Paddle's otherwise."""
+
+    def forward(self, x):
+        if len(self._normalized_shape) == 1 and self.weight is not None and self.bias is not None:
+            kernels = _cpu_kernels(x)
+            if kernels is not None:
+                return kernels.layer_norm(x, self.weight, self.bias, self._epsilon)
+        return super().forward(x)
+
+
+class GELU(nn.GELU):
+    """``nn.GELU`` whose exact (erf) form runs ppcls_ft's CPU kernel where ``_cpu_kernels``
+    allows (forward 3x, backward 4x Paddle's); the tanh approximation is Paddle's."""
+
+    def forward(self, x):
+        if not self._approximate:
+            kernels = _cpu_kernels(x)
+            if kernels is not None:
+                return kernels.gelu(x)
         return super().forward(x)
 
 

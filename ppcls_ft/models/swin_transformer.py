@@ -33,7 +33,7 @@ from paddle.nn.initializer import Constant, Normal
 from ..errors import ConfigError
 from ..registry import MODELS
 from .base import ClassifierBase
-from .layers import DropPath, check_class_num
+from .layers import GELU, DropPath, LayerNorm, Linear, add_broadcast, check_class_num
 
 # The reference inits Linear weights and bias tables with trunc_normal(std=0.02) cut at +-2
 # (absolute, i.e. 100 sigma): that is a plain normal. Paddle's truncated kernel took 4.2 s of a
@@ -44,8 +44,8 @@ _zeros = Constant(0.0)
 
 def _linear(in_features, out_features, bias=True):
     """nn.Linear with the reference init (N(0, 0.02) weight, zero bias) applied at creation."""
-    return nn.Linear(in_features, out_features, weight_attr=ParamAttr(initializer=_trunc_normal),
-                     bias_attr=ParamAttr(initializer=_zeros) if bias else False)
+    return Linear(in_features, out_features, weight_attr=ParamAttr(initializer=_trunc_normal),
+                  bias_attr=ParamAttr(initializer=_zeros) if bias else False)
 
 # Masked logits get -100 (reference value): exp(-100) underflows to 0 after softmax in float32.
 _MASK_VALUE = -100.0
@@ -100,7 +100,7 @@ class Mlp(nn.Layer):
     def __init__(self, dim, hidden, drop=0.0):
         super().__init__()
         self.fc1 = _linear(dim, hidden)
-        self.act = nn.GELU()  # exact (erf) GELU, as in the reference
+        self.act = GELU()  # exact (erf) GELU, as in the reference
         self.fc2 = _linear(hidden, dim)
         self.drop = nn.Dropout(drop)
 
@@ -136,10 +136,13 @@ class WindowAttention(nn.Layer):
         attn = paddle.matmul(q, k, transpose_y=True)  # B*nW, heads, N, N
         bias = paddle.index_select(self.relative_position_bias_table,
                                    self.relative_position_index.reshape([-1]))
-        attn = attn + bias.reshape([n, n, -1]).transpose([2, 0, 1]).unsqueeze(0)
-        if mask is not None:
+        bias = bias.reshape([n, n, -1]).transpose([2, 0, 1]).unsqueeze(0)  # 1, heads, N, N
+        if mask is None:
+            attn = add_broadcast(attn, bias)
+        else:  # bias and mask first (small), then one add over the batch: a broadcast add is slow
             nw = mask.shape[0]
-            attn = attn.reshape([-1, nw, self.num_heads, n, n]) + mask.unsqueeze(1).unsqueeze(0)
+            bias = add_broadcast(mask.unsqueeze(1).expand([nw, self.num_heads, n, n]), bias)
+            attn = add_broadcast(attn.reshape([-1, nw, self.num_heads, n, n]), bias)
             attn = attn.reshape([-1, self.num_heads, n, n])
         attn = self.attn_drop(F.softmax(attn, axis=-1))
         x = paddle.matmul(attn, v).transpose([0, 2, 1, 3]).reshape([-1, n, c])
@@ -155,10 +158,10 @@ class SwinTransformerBlock(nn.Layer):
         if resolution <= window:  # original Swin rule: one window covers the map, nothing to shift
             window, shift = resolution, 0
         self.window, self.shift = window, shift
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
         self.attn = WindowAttention(dim, window, num_heads, qkv_bias, qk_scale, attn_drop, drop)
         self.drop_path = DropPath(drop_path)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
         self._masks = {}  # padded (H, W) -> mask for sizes other than the build size (dygraph)
         self._build_hw = (_ceil_to(resolution, window),) * 2
@@ -201,7 +204,7 @@ class PatchMerging(nn.Layer):
     def __init__(self, dim):
         super().__init__()
         self.reduction = _linear(4 * dim, 2 * dim, bias=False)
-        self.norm = nn.LayerNorm(4 * dim)
+        self.norm = LayerNorm(4 * dim)
 
     def forward(self, x, h, w):
         c = x.shape[2]
@@ -234,7 +237,7 @@ class PatchEmbed(nn.Layer):
     def __init__(self, patch_size, embed_dim, patch_norm=True):
         super().__init__()
         self.proj = nn.Conv2D(3, embed_dim, kernel_size=patch_size, stride=patch_size)
-        self.norm = nn.LayerNorm(embed_dim) if patch_norm else None
+        self.norm = LayerNorm(embed_dim) if patch_norm else None
 
     def forward(self, x):
         x = self.proj(x)
@@ -290,7 +293,7 @@ class SwinTransformer(ClassifierBase):
                 embed_dim * 2 ** i, side // 2 ** i, depth, heads, window_size, dpr[start:start + depth],
                 downsample=i < len(depths) - 1, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                 qk_scale=qk_scale, drop=drop_rate, attn_drop=attn_drop_rate))
-        self.norm = nn.LayerNorm(self.num_features)
+        self.norm = LayerNorm(self.num_features)
         self.head = _linear(self.num_features, class_num)  # LayerNorms keep Paddle's ones/zeros
 
     def forward_features(self, x):

@@ -1,0 +1,165 @@
+"""The transformer-side CPU speed-ups: the LayerNorm and GELU custom operators
+(ppcls_ft/kernels/norm_act.cc) against Paddle's own, the broadcast add whose gradient is a matrix
+product (models/layers.add_broadcast) against the plain add, and a Swin training step with all of
+them against one without."""
+import json
+import shutil
+
+import numpy as np
+import paddle
+import pytest
+
+from ppcls_ft import kernels
+from ppcls_ft.models import build_model
+from ppcls_ft.models.layers import GELU, LayerNorm, Linear, add_broadcast
+
+F = paddle.nn.functional
+
+
+@pytest.fixture(scope="module")
+def ops():
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler on this machine: the stock kernels serve")
+    built = kernels.ops()
+    assert built is not None, f"the kernel build failed: {kernels._STATE['error']}"
+    return built
+
+
+def _grads(fn, arrays, grad_out):
+    tensors = [paddle.to_tensor(a, stop_gradient=False) for a in arrays]
+    y = fn(*tensors)
+    y.backward(paddle.to_tensor(grad_out))
+    return [y.numpy()] + [t.grad.numpy() for t in tensors]
+
+
+def _close(ours, ref, names):
+    for name, a, b in zip(names, ref, ours):
+        assert a.shape == b.shape, name
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(a).max()), err_msg=name)
+
+
+@pytest.mark.parametrize("shape", [(2, 49, 96), (3, 5, 7), (4, 1536), (1, 1, 1), (6, 33)])
+def test_layer_norm_equals_paddles(ops, shape):
+    rng = np.random.default_rng(sum(shape))
+    c = shape[-1]
+    x = (rng.standard_normal(shape) * 3 + 2).astype(np.float32)  # an offset: the mean matters
+    w, b = (rng.standard_normal(c).astype(np.float32) for _ in range(2))
+    g = rng.standard_normal(shape).astype(np.float32)
+    ref = _grads(lambda x, w, b: F.layer_norm(x, c, w, b, 1e-5), [x, w, b], g)
+    ours = _grads(lambda x, w, b: ops.layer_norm(x, w, b, 1e-5), [x, w, b], g)
+    _close(ours, ref, ("output", "input gradient", "scale gradient", "shift gradient"))
+
+
+@pytest.mark.parametrize("scale", [0.5, 4.0, 30.0])
+def test_gelu_equals_paddles_exact_gelu(ops, scale):
+    """Small, typical and saturated inputs (the tails: 0 and x), an odd length for the loop tail."""
+    rng = np.random.default_rng(int(scale))
+    x = (rng.standard_normal((3, 8193)) * scale).astype(np.float32)
+    x[0, :5] = [0.0, -0.0, 1e-30, -90.0, 90.0]
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    ref = _grads(lambda x: F.gelu(x), [x], g)
+    ours = _grads(lambda x: ops.gelu(x), [x], g)
+    _close(ours, ref, ("output", "input gradient"))
+    assert np.isfinite(ours[0]).all() and np.isfinite(ours[1]).all()
+
+
+def test_layers_take_the_kernels_only_where_they_may(ops, tmp_path):
+    """Dygraph float32 on the CPU: the custom operators; an exact GELU only; a LayerNorm without
+    scale, or over two axes, is Paddle's; so is every static graph (an export)."""
+    x = paddle.to_tensor(np.random.default_rng(0).standard_normal([2, 3, 8]).astype(np.float32))
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(ops, name)
+
+    plain_ln, plain_gelu = paddle.nn.LayerNorm(8), paddle.nn.GELU()
+    ln, gelu = LayerNorm(8), GELU()
+    ln.set_state_dict(plain_ln.state_dict())
+    saved = dict(kernels._STATE)
+    kernels._STATE.update(tried=True, ops=Spy())
+    try:
+        np.testing.assert_allclose(ln(x).numpy(), plain_ln(x).numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(gelu(x).numpy(), plain_gelu(x).numpy(), rtol=1e-5, atol=1e-6)
+        assert calls == ["layer_norm", "gelu"]
+        GELU(approximate=True)(x), LayerNorm(8, weight_attr=False)(x), LayerNorm([3, 8])(x)
+        assert calls == ["layer_norm", "gelu"]
+    finally:
+        kernels._STATE.clear()
+        kernels._STATE.update(saved)
+    assert [p.name.split("_")[0] for p in ln.parameters()] == ["layer", "layer"]  # names as nn's
+    assert list(ln.state_dict()) == list(plain_ln.state_dict())
+
+    from ppcls_ft.engine.export import export_dygraph
+    model = build_model({"name": "SwinTransformer_tiny_patch4_window7_224", "class_num": 3,
+                         "img_size": 64, "window_size": 2}, load_weights=False)
+    out = export_dygraph(model, tmp_path, [3, 64, 64], [{"ToCHWImage": None}], export_onnx=False)
+    graph = (out / "inference.json").read_text()
+    assert "ppcls_" not in graph and "layer_norm" in graph and "gelu" in graph
+    assert json.loads((out / "export_certificate.json").read_text())["passed"]
+
+
+@pytest.mark.parametrize("x_shape,b_shape", [((4, 5, 6), (6,)), ((8, 3, 7, 7), (1, 3, 7, 7)),
+                                             ((2, 4, 3, 5, 5), (4, 3, 5, 5))])
+def test_broadcast_add_has_the_plain_adds_values_and_gradients(x_shape, b_shape):
+    rng = np.random.default_rng(len(x_shape))
+    xn, bn = rng.standard_normal(x_shape).astype(np.float32), rng.standard_normal(b_shape).astype(np.float32)
+    g = rng.standard_normal(x_shape).astype(np.float32)
+    ref = _grads(lambda x, b: x + b, [xn, bn], g)
+    ours = _grads(add_broadcast, [xn, bn], g)
+    np.testing.assert_array_equal(ours[0], ref[0])  # x + 1 * b: the same floats
+    np.testing.assert_array_equal(ours[1], ref[1])
+    np.testing.assert_allclose(ours[2], ref[2], rtol=1e-5, atol=1e-5)
+    x = paddle.to_tensor(xn)  # needs no gradient (a frozen input): only b's
+    b = paddle.to_tensor(bn, stop_gradient=False)
+    add_broadcast(x, b).backward(paddle.to_tensor(g))
+    assert x.grad is None
+    np.testing.assert_allclose(b.grad.numpy(), ref[2], rtol=1e-5, atol=1e-5)
+    with paddle.no_grad():
+        np.testing.assert_array_equal(add_broadcast(paddle.to_tensor(xn), b).numpy(), ref[0])
+
+
+def test_linear_keeps_nn_linears_names_and_values():
+    plain, ours = paddle.nn.Linear(6, 4), Linear(6, 4)
+    ours.set_state_dict(plain.state_dict())
+    assert list(ours.state_dict()) == list(plain.state_dict())
+    assert [p.name.split("_")[0] for p in ours.parameters()] == ["linear", "linear"]
+    x = paddle.to_tensor(np.random.default_rng(1).standard_normal([3, 5, 6]).astype(np.float32))
+    np.testing.assert_array_equal(ours(x).numpy(), plain(x).numpy())
+
+
+def test_a_swin_training_step_is_the_same_with_every_speed_up(ops):
+    """Logits and every parameter gradient of a Swin step with the custom operators and the
+    broadcast add against Paddle's kernels and the plain add (same weights, no dropout)."""
+    from ppcls_ft.models import layers
+
+    paddle.seed(0)
+    model = build_model({"name": "SwinTransformer_tiny_patch4_window7_224", "class_num": 4,
+                         "img_size": 64, "drop_path_rate": 0.0}, load_weights=False)
+    model.train()
+    x = paddle.to_tensor(np.random.default_rng(5).standard_normal([2, 3, 64, 64]).astype(np.float32))
+    y = paddle.to_tensor(np.arange(2))
+
+    def step():
+        logits = model(x)
+        F.cross_entropy(logits, y).backward()
+        grads = {k: p.grad.numpy().copy() for k, p in model.named_parameters()}
+        model.clear_gradients()
+        return logits.numpy(), grads
+
+    fast_logits, fast = step()
+    real_add = layers.add_broadcast
+    try:
+        for module in (layers, __import__("ppcls_ft.models.swin_transformer", fromlist=["x"])):
+            module.add_broadcast = lambda a, b: a + b
+        with kernels.stock():
+            ref_logits, ref = step()
+    finally:
+        for module in (layers, __import__("ppcls_ft.models.swin_transformer", fromlist=["x"])):
+            module.add_broadcast = real_add
+    np.testing.assert_allclose(fast_logits, ref_logits, rtol=1e-5, atol=1e-5)
+    assert fast.keys() == ref.keys() and len(ref) > 100
+    scale = max(np.abs(g).max() for g in ref.values())
+    for key in ref:
+        assert np.abs(fast[key] - ref[key]).max() <= 1e-4 * scale, key
