@@ -1,5 +1,6 @@
-// LayerNorm over the last axis and exact (erf) GELU, float32, CPU: forward and backward as Paddle
-// custom operators (ppcls_ft/kernels/__init__.py builds and loads them with depthwise_conv.cc).
+// LayerNorm over the last axis, exact (erf) GELU and hardswish, float32, CPU:
+// forward and backward as Paddle custom operators (ppcls_ft/kernels/__init__.py builds and loads
+// them with depthwise_conv.cc).
 //
 // Why by hand: in a Swin-T training step on these cores Paddle 3.3.1's CPU LayerNorm backward
 // takes 10 ms per call, 13x its forward (its scale and shift gradients go through a generic
@@ -13,6 +14,10 @@
 //                dx = rstd * (dy*g - mean(dy*g) - xhat * mean(dy*g * xhat)),
 //                dg = sum over rows of dy * xhat, db = sum over rows of dy.
 //   gelu:        y = x * Phi(x), dy/dx = Phi(x) + x * phi(x), Phi the normal CDF, phi its density.
+//   hardswish:   y = x * min(max(x + 3, 0), 6) / 6, gradient (2x + 3) / 6 on (-3, 3), 1 above,
+//                0 below, with Paddle's comparisons at the ends.
+// Paddle's CPU hardswish backward took 92 ms on a 74 MiB activation (a PPLCNet-sized map), 13x an
+// add over the same memory; this one takes one pass (PPLCNet trains 1.22x faster).
 //
 // Phi(x) = (1 + erf(x / sqrt 2)) / 2 with erf from Abramowitz and Stegun 7.1.26 (absolute error
 // under 1.5e-7), whose exp(-z^2) is exactly the exp(-x^2 / 2) that phi needs: one exponential per
@@ -87,30 +92,72 @@ void gelu_grad_span(const float* __restrict x, const float* __restrict dy, float
   }
 }
 
+void hardswish_span(const float* __restrict x, float* __restrict y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    float gate = x[i] + 3.0f;
+    gate = gate < 0.0f ? 0.0f : gate;
+    gate = gate > 6.0f ? 6.0f : gate;
+    y[i] = gate * x[i] / 6.0f;
+  }
+}
+
+void hardswish_grad_span(const float* __restrict x, const float* __restrict dy,
+                         float* __restrict dx, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    // Paddle's arithmetic, so a NaN input gives a NaN gradient as there
+    const float shifted = x[i] + 3.0f;
+    const float below = shifted < 6.0f ? 1.0f : 0.0f, above_zero = shifted > 0.0f ? 1.0f : 0.0f;
+    dx[i] = dy[i] * (above_zero * (2.0f * x[i] + 3.0f) / 6.0f * below + (1.0f - below));
+  }
+}
+
 constexpr int64_t kSpan = 8192;  // elements per parallel work item (32 KiB of each array)
 
-}  // namespace
-
-std::vector<paddle::Tensor> GeluForward(const paddle::Tensor& x) {
-  check_float_cpu(x, "ppcls_gelu: x");
+// out = f(x) over spans in parallel; f(x_span, out_span, n).
+template <typename Fn>
+paddle::Tensor elementwise(const paddle::Tensor& x, Fn fn) {
   auto out = paddle::empty(x.shape(), x.dtype(), x.place());
   const float* xd = x.data<float>();
   float* od = out.data<float>();
   const int64_t n = x.numel();
 #pragma omp parallel for schedule(static)
-  for (int64_t s = 0; s < n; s += kSpan) gelu_span(xd + s, od + s, std::min(kSpan, n - s));
-  return {out};
+  for (int64_t s = 0; s < n; s += kSpan) fn(xd + s, od + s, std::min(kSpan, n - s));
+  return out;
+}
+
+// dx = f(a, dy) over spans in parallel; f(a_span, dy_span, dx_span, n).
+template <typename Fn>
+paddle::Tensor elementwise_grad(const paddle::Tensor& a, const paddle::Tensor& dy, Fn fn) {
+  auto dx = paddle::empty(a.shape(), a.dtype(), a.place());
+  const float* ad = a.data<float>();
+  const float* gd = dy.data<float>();
+  float* xd = dx.data<float>();
+  const int64_t n = a.numel();
+#pragma omp parallel for schedule(static)
+  for (int64_t s = 0; s < n; s += kSpan) fn(ad + s, gd + s, xd + s, std::min(kSpan, n - s));
+  return dx;
+}
+
+}  // namespace
+
+std::vector<paddle::Tensor> GeluForward(const paddle::Tensor& x) {
+  check_float_cpu(x, "ppcls_gelu: x");
+  return {elementwise(x, gelu_span)};
 }
 
 std::vector<paddle::Tensor> GeluBackward(const paddle::Tensor& x, const paddle::Tensor& grad_out) {
-  auto grad_x = paddle::empty(x.shape(), x.dtype(), x.place());
-  const float* xd = x.data<float>();
-  const float* gd = grad_out.data<float>();
-  float* gx = grad_x.data<float>();
-  const int64_t n = x.numel();
-#pragma omp parallel for schedule(static)
-  for (int64_t s = 0; s < n; s += kSpan) gelu_grad_span(xd + s, gd + s, gx + s, std::min(kSpan, n - s));
-  return {grad_x};
+  return {elementwise_grad(x, grad_out, gelu_grad_span)};
+}
+
+std::vector<paddle::Tensor> HardswishForward(const paddle::Tensor& x) {
+  check_float_cpu(x, "ppcls_hardswish: x");
+  return {elementwise(x, hardswish_span)};
+}
+
+std::vector<paddle::Tensor> HardswishBackward(const paddle::Tensor& x, const paddle::Tensor& grad_out) {
+  return {elementwise_grad(x, grad_out, hardswish_grad_span)};
 }
 
 std::vector<paddle::Tensor> LayerNormForward(const paddle::Tensor& x, const paddle::Tensor& scale,
@@ -211,9 +258,9 @@ std::vector<paddle::DataType> LayerNormDtype(const paddle::DataType& x, const pa
   return {x, x, x};
 }
 
-std::vector<std::vector<int64_t>> GeluShape(const std::vector<int64_t>& x) { return {x}; }
+std::vector<std::vector<int64_t>> SameShape(const std::vector<int64_t>& x) { return {x}; }
 
-std::vector<paddle::DataType> GeluDtype(const paddle::DataType& x) { return {x}; }
+std::vector<paddle::DataType> SameDtype(const paddle::DataType& x) { return {x}; }
 
 PD_BUILD_OP(ppcls_layer_norm)
     .Inputs({"X", "Scale", "Bias"})
@@ -229,12 +276,24 @@ PD_BUILD_GRAD_OP(ppcls_layer_norm)
     .Attrs({"epsilon: float"})
     .SetKernelFn(PD_KERNEL(LayerNormBackward));
 
+PD_BUILD_OP(ppcls_hardswish)
+    .Inputs({"X"})
+    .Outputs({"Out"})
+    .SetKernelFn(PD_KERNEL(HardswishForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(SameShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(SameDtype));
+
+PD_BUILD_GRAD_OP(ppcls_hardswish)
+    .Inputs({"X", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("X")})
+    .SetKernelFn(PD_KERNEL(HardswishBackward));
+
 PD_BUILD_OP(ppcls_gelu)
     .Inputs({"X"})
     .Outputs({"Out"})
     .SetKernelFn(PD_KERNEL(GeluForward))
-    .SetInferShapeFn(PD_INFER_SHAPE(GeluShape))
-    .SetInferDtypeFn(PD_INFER_DTYPE(GeluDtype));
+    .SetInferShapeFn(PD_INFER_SHAPE(SameShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(SameDtype));
 
 PD_BUILD_GRAD_OP(ppcls_gelu)
     .Inputs({"X", paddle::Grad("Out")})

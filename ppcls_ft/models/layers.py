@@ -7,7 +7,7 @@
   the step by ``param.optimize_attr['learning_rate']``, so 0 freezes a parameter's update).
 * ``Conv2D``: ``nn.Conv2D`` whose depthwise case runs ppcls_ft's CPU kernel (``kernels/``).
 * ``Linear`` / ``add_broadcast``: a bias added over rows whose gradient is a matrix product.
-* ``LayerNorm`` / ``GELU``: ``nn.LayerNorm`` / ``nn.GELU`` running ppcls_ft's CPU kernels.
+* ``LayerNorm`` / ``GELU`` / ``Hardswish``: Paddle's layers running ppcls_ft's CPU kernels.
 * ``DropPath``: stochastic depth, for any family with residual branches (Swin uses it).
 * ``check_lr_mult_list`` / ``check_stride_list``: validation that names ``Arch.<key>``.
 
@@ -23,9 +23,6 @@ from paddle.nn.initializer import KaimingNormal
 from paddle.regularizer import L2Decay
 
 from ..errors import ConfigError
-
-_ACTIVATIONS = {"relu": nn.ReLU, "hardswish": nn.Hardswish, "relu6": nn.ReLU6}
-
 
 def lr_attr(lr_mult: float = 1.0, no_decay: bool = False, initializer=None) -> ParamAttr:
     """ParamAttr with a learning-rate multiplier; ``no_decay`` pins L2 decay to 0 for this parameter
@@ -146,6 +143,19 @@ class GELU(nn.GELU):
             if kernels is not None:
                 return kernels.gelu(x)
         return super().forward(x)
+
+
+class Hardswish(nn.Hardswish):
+    """``nn.Hardswish`` on ppcls_ft's CPU kernel where ``_cpu_kernels`` allows (forward 2x,
+    backward 3x Paddle's; PPLCNet trains 1.22x faster). ReLU and ReLU6 stay Paddle's: the same
+    kind of kernel for them measured no faster inside MobileNetV2 and ResNet50."""
+
+    def forward(self, x):
+        kernels = _cpu_kernels(x)
+        return super().forward(x) if kernels is None else kernels.hardswish(x)
+
+
+_ACTIVATIONS = {"relu": nn.ReLU, "hardswish": Hardswish, "relu6": nn.ReLU6}
 
 
 class ConvBNAct(nn.Layer):

@@ -18,7 +18,8 @@ import paddle.nn as nn
 from ..errors import ConfigError
 from ..registry import MODELS
 from .base import ClassifierBase
-from .layers import ConvBNAct, check_class_num, check_lr_mult_list, check_stride_list, lr_attr
+from .layers import (ConvBNAct, Hardswish, check_class_num, check_lr_mult_list, check_stride_list,
+                     lr_attr)
 
 # Per stage: blocks of (dw kernel, in channels, out channels, use SE) at scale 1.0. The first block
 # of blocks3..blocks6 takes its stride from stride_list[1:], every other block has stride 1.
@@ -107,7 +108,7 @@ class PPLCNet(ClassifierBase):
         last_c = make_divisible(_STAGES[-1][1][-1][2] * scale)
         if use_last_conv:
             self.last_conv = nn.Conv2D(last_c, class_expand, 1, bias_attr=False)
-            self.hardswish = nn.Hardswish()
+            self.hardswish = Hardswish()
             self.dropout = nn.Dropout(p=dropout_prob, mode="downscale_in_infer")
             self.num_features = class_expand
         else:

@@ -1,5 +1,5 @@
-"""The transformer-side CPU speed-ups: the LayerNorm and GELU custom operators
-(ppcls_ft/kernels/norm_act.cc) against Paddle's own, the broadcast add whose gradient is a matrix
+"""The LayerNorm, GELU and hardswish custom operators (ppcls_ft/kernels/norm_act.cc) against
+Paddle's own, the broadcast add whose gradient is a matrix
 product (models/layers.add_broadcast) against the plain add, and a Swin training step with all of
 them against one without."""
 import json
@@ -11,7 +11,7 @@ import pytest
 
 from ppcls_ft import kernels
 from ppcls_ft.models import build_model
-from ppcls_ft.models.layers import GELU, LayerNorm, Linear, add_broadcast
+from ppcls_ft.models.layers import GELU, Hardswish, LayerNorm, Linear, add_broadcast
 
 F = paddle.nn.functional
 
@@ -61,6 +61,20 @@ def test_gelu_equals_paddles_exact_gelu(ops, scale):
     ours = _grads(lambda x: ops.gelu(x), [x], g)
     _close(ours, ref, ("output", "input gradient"))
     assert np.isfinite(ours[0]).all() and np.isfinite(ours[1]).all()
+
+
+def test_hardswish_equals_paddles_bit_for_bit(ops):
+    """Paddle's arithmetic, so its values at the kinks (-3, 3), for infinities and NaN too."""
+    rng = np.random.default_rng(9)
+    x = (rng.standard_normal((2, 8195)) * 4).astype(np.float32)
+    x[0, :9] = [0.0, -0.0, -3.0, 3.0, 6.0, np.nan, np.inf, -np.inf, 2.9999998]
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    ref = _grads(lambda x: F.hardswish(x), [x], g)
+    ours = _grads(lambda x: ops.hardswish(x), [x], g)
+    for name, a, b in zip(("output", "input gradient"), ref, ours):
+        np.testing.assert_array_equal(b, a, err_msg=name)
+    hs = Hardswish()
+    np.testing.assert_array_equal(hs(paddle.to_tensor(x)).numpy(), ref[0])
 
 
 def test_layers_take_the_kernels_only_where_they_may(ops, tmp_path):
