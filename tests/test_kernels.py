@@ -86,7 +86,8 @@ print(json.dumps({"mkl": _cpu.mkl_path(), "fast": len(fast), "same_keys": ref.ke
 
 @pytest.mark.parametrize("name", ["MobileNetV2", "PPLCNet_x0_25"])
 def test_models_train_alike_with_either_kernel(op, name):
-    """Forward bit-equal, every parameter gradient within 1e-4 of the largest, one model.
+    """Logits within 1e-4 of the largest (the batch-norm kernel sums in another order than
+    Paddle's), every parameter gradient within 1e-4 of the largest, one model.
 
     Run on MKL's AVX2 path (PPCLS_FT_MKL=avx2, a child process): there Paddle's im2col GEMM sums
     a depthwise tap in the kernel's order. On MKL's AVX-512 path the two differ in the last bit,
@@ -105,7 +106,7 @@ def test_models_train_alike_with_either_kernel(op, name):
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "AVX2" in res["mkl"], res["mkl"]  # the premise: MKL really took its AVX2 path
     assert res["fast"], "no depthwise layer took the fast path"
-    assert res["logits"] <= 1e-5 + 1e-5 * res["logits_scale"]
+    assert res["logits"] <= 1e-4 * max(1.0, res["logits_scale"])
     assert res["same_keys"]
     for key, diff in res["grads"].items():
         assert diff <= 1e-4 * res["scale"], (key, diff, res["scale"])

@@ -1,5 +1,5 @@
-"""The LayerNorm, GELU and hardswish custom operators (ppcls_ft/kernels/norm_act.cc) against
-Paddle's own, the broadcast add whose gradient is a matrix
+"""The LayerNorm, GELU, hardswish and batch-norm custom operators (ppcls_ft/kernels/norm_act.cc)
+against Paddle's own, the broadcast add whose gradient is a matrix
 product (models/layers.add_broadcast) against the plain add, and a Swin training step with all of
 them against one without."""
 import json
@@ -11,7 +11,7 @@ import pytest
 
 from ppcls_ft import kernels
 from ppcls_ft.models import build_model
-from ppcls_ft.models.layers import GELU, Hardswish, LayerNorm, Linear, add_broadcast
+from ppcls_ft.models.layers import GELU, BatchNorm2D, Hardswish, LayerNorm, Linear, add_broadcast
 
 F = paddle.nn.functional
 
@@ -77,6 +77,37 @@ def test_hardswish_equals_paddles_bit_for_bit(ops):
     np.testing.assert_array_equal(hs(paddle.to_tensor(x)).numpy(), ref[0])
 
 
+@pytest.mark.parametrize("shape", [(4, 6, 5, 7), (3, 16, 28, 28), (2, 3, 1, 1)])
+def test_batch_norm_layer_equals_paddles_in_training_and_after(ops, shape):
+    """Two training steps (values, gradients, running statistics), then eval mode: the same as
+    nn.BatchNorm2D with the same parameters."""
+    rng = np.random.default_rng(shape[1])
+    c = shape[1]
+    plain, ours = paddle.nn.BatchNorm2D(c, momentum=0.8), BatchNorm2D(c, momentum=0.8)
+    state = {k: paddle.to_tensor(rng.standard_normal(v.shape).astype(np.float32) + (2 if "var" in k else 0))
+             for k, v in plain.state_dict().items()}
+    plain.set_state_dict(state)
+    ours.set_state_dict(state)
+    assert list(ours.state_dict()) == list(plain.state_dict())
+    for step in range(2):
+        x = (rng.standard_normal(shape) * 2 + 1).astype(np.float32)
+        g = rng.standard_normal(shape).astype(np.float32)
+        results = []
+        for layer in (plain, ours):
+            layer.train()
+            layer.clear_gradients()
+            xt = paddle.to_tensor(x, stop_gradient=False)
+            y = layer(xt)
+            y.backward(paddle.to_tensor(g))
+            results.append([y.numpy(), xt.grad.numpy(), layer.weight.grad.numpy(), layer.bias.grad.numpy(),
+                            layer._mean.numpy(), layer._variance.numpy()])
+        _close(results[1], results[0], ("output", "input gradient", "scale gradient", "shift gradient",
+                                        "running mean", "running variance"))
+    plain.eval(), ours.eval()
+    x = paddle.to_tensor(rng.standard_normal(shape).astype(np.float32))
+    np.testing.assert_allclose(ours(x).numpy(), plain(x).numpy(), rtol=1e-5, atol=1e-5)  # eval
+
+
 def test_layers_take_the_kernels_only_where_they_may(ops, tmp_path):
     """Dygraph float32 on the CPU: the custom operators; an exact GELU only; a LayerNorm without
     scale, or over two axes, is Paddle's; so is every static graph (an export)."""
@@ -99,6 +130,13 @@ def test_layers_take_the_kernels_only_where_they_may(ops, tmp_path):
         assert calls == ["layer_norm", "gelu"]
         GELU(approximate=True)(x), LayerNorm(8, weight_attr=False)(x), LayerNorm([3, 8])(x)
         assert calls == ["layer_norm", "gelu"]
+        images = paddle.to_tensor(np.ones([2, 3, 4, 4], np.float32))
+        bn = BatchNorm2D(3)
+        bn(images)
+        assert calls == ["layer_norm", "gelu", "batch_norm"]
+        bn.eval(), bn(images), BatchNorm2D(3, use_global_stats=True)(images)
+        BatchNorm2D(3, data_format="NHWC")(images.transpose([0, 2, 3, 1]))
+        assert calls == ["layer_norm", "gelu", "batch_norm"]
     finally:
         kernels._STATE.clear()
         kernels._STATE.update(saved)

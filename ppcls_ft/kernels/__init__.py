@@ -2,9 +2,10 @@
 wherever they cannot run.
 
 ``depthwise_conv.cc``: depthwise convolution forward and backward; ``norm_act.cc``: LayerNorm over
-the last axis, exact GELU and hardswish, forward and backward (why by hand: each file's header).
+the last axis, exact GELU, hardswish and training-mode batch norm, forward and backward (why by
+hand: each file's header).
 ``models/layers.py`` gives the layers that call them (``Conv2D``'s depthwise case, ``LayerNorm``,
-``GELU``, ``Hardswish``) in dygraph on the CPU in float32; everything else (static graphs, so exports and
+``GELU``, ``Hardswish``, ``BatchNorm2D``) in dygraph on the CPU in float32; everything else (static graphs, so exports and
 ``paddle.jit``; GPUs; AMP dtypes; dilation; rectangular strides) runs Paddle's own kernels, so
 an exported model never contains a custom operator.
 
@@ -16,8 +17,8 @@ build it once and none loads a half-written library. A build that
 fails (no compiler, no Python headers) is logged once with its reason and the stock kernels serve;
 so does ``PPCLS_FT_KERNELS=stock`` in the environment. Values equal the stock kernels' (the
 depthwise forward bit for bit while Paddle's im2col GEMM runs on MKL's AVX2 path, within the last
-bits on its AVX-512 path; gradients within 1e-5 relative; LayerNorm and GELU within 1e-5,
-hardswish bit for bit; tests/test_kernels.py, tests/test_transformer_kernels.py).
+bits on its AVX-512 path; gradients within 1e-5 relative; LayerNorm, GELU and batch norm within
+1e-5, hardswish bit for bit; tests/test_kernels.py, tests/test_norm_act_kernels.py).
 """
 import contextlib
 import hashlib
@@ -80,10 +81,16 @@ def _load_built(out_dir):
     def gelu(x):
         return _C_ops._run_custom_op("ppcls_gelu", x)[0]
 
+    def batch_norm(x, scale, bias, epsilon):
+        """Training-mode batch norm: (out, batch mean, biased batch variance)."""
+        out, mean, _, var = _C_ops._run_custom_op("ppcls_batch_norm", x, scale, bias, float(epsilon))
+        return out, mean, var
+
     def hardswish(x):
         return _C_ops._run_custom_op("ppcls_hardswish", x)[0]
 
-    return SimpleNamespace(dwconv=dwconv, layer_norm=layer_norm, gelu=gelu, hardswish=hardswish)
+    return SimpleNamespace(dwconv=dwconv, layer_norm=layer_norm, gelu=gelu, hardswish=hardswish,
+                           batch_norm=batch_norm)
 
 
 # Run in a child process: the compiler writes to file descriptors 1 and 2, and redirecting this
@@ -138,7 +145,8 @@ def _build():
 
 
 def ops():
-    """The compiled operators (``.dwconv``, ``.layer_norm``, ``.gelu``, ``.hardswish``), or None
+    """The compiled operators (``.dwconv``, ``.layer_norm``, ``.gelu``, ``.hardswish``,
+    ``.batch_norm``), or None
     (disabled, or the build failed: logged once)."""
     if not _STATE["tried"]:
         _STATE["tried"] = True
@@ -164,9 +172,9 @@ def status():
     if not enabled():
         return "stock kernels (PPCLS_FT_KERNELS=stock)"
     if not _STATE["tried"]:
-        return ("ppcls_ft CPU kernels (depthwise conv, LayerNorm, GELU, hardswish; loaded, or "
-                "built once, at first use)")
-    return ("ppcls_ft CPU kernels: depthwise conv, LayerNorm, GELU, hardswish" if _STATE["ops"]
+        return ("ppcls_ft CPU kernels (depthwise conv, batch norm, LayerNorm, GELU, hardswish; "
+                "loaded, or built once, at first use)")
+    return ("ppcls_ft CPU kernels: depthwise conv, batch norm, LayerNorm, GELU, hardswish" if _STATE["ops"]
             else "stock kernels (build failed)")
 
 

@@ -245,6 +245,117 @@ std::vector<paddle::Tensor> LayerNormBackward(const paddle::Tensor& x, const pad
   return {grad_x, grad_scale, grad_bias};
 }
 
+// Batch norm in training mode (batch statistics), NCHW: per channel c over n and the H*W plane,
+//   y = (x - mean) * rstd * g + b, rstd = 1 / sqrt(var + eps), var the biased batch variance;
+//   dx = g * rstd * (dy - mean(dy) - xhat * mean(dy * xhat)), dg = sum dy * xhat, db = sum dy.
+// Paddle's CPU kernel took 3x an add's time forward and 11x forward plus backward on a 74 MiB
+// MobileNetV2 activation (a third of its training step with ReLU6). Parallel over channels;
+// sums in double. The running statistics are updated by the Python layer (layers.BatchNorm2D).
+std::vector<paddle::Tensor> BatchNormForward(const paddle::Tensor& x, const paddle::Tensor& scale,
+                                             const paddle::Tensor& bias, float epsilon) {
+  check_float_cpu(x, "ppcls_batch_norm: x");
+  PD_CHECK(x.shape().size() >= 2, "ppcls_batch_norm: x must be N, C, ...");
+  const int64_t n = x.shape()[0], c = x.shape()[1], plane = x.numel() / (n * c);
+  PD_CHECK(scale.numel() == c && bias.numel() == c, "ppcls_batch_norm: scale and bias must have ",
+           c, " elements (x's channels)");
+  auto out = paddle::empty(x.shape(), x.dtype(), x.place());
+  auto mean = paddle::empty({c}, x.dtype(), x.place());
+  auto rstd = paddle::empty({c}, x.dtype(), x.place());
+  auto var = paddle::empty({c}, x.dtype(), x.place());
+  const float *xd = x.data<float>(), *g = scale.data<float>(), *b = bias.data<float>();
+  float *od = out.data<float>(), *md = mean.data<float>(), *rd = rstd.data<float>();
+  float* vd = var.data<float>();
+  const double count = static_cast<double>(n * plane);
+#pragma omp parallel for schedule(static)
+  for (int64_t ch = 0; ch < c; ++ch) {
+    double sum = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      const float* xp = xd + (i * c + ch) * plane;
+      float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+      for (int64_t j = 0; j < plane; ++j) part += xp[j];
+      sum += part;
+    }
+    const float mu = static_cast<float>(sum / count);
+    double sq = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      const float* xp = xd + (i * c + ch) * plane;
+      float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+      for (int64_t j = 0; j < plane; ++j) part += (xp[j] - mu) * (xp[j] - mu);
+      sq += part;
+    }
+    const float v = static_cast<float>(sq / count);
+    const float rs = 1.0f / std::sqrt(v + epsilon);
+    const float mul = rs * g[ch], add = b[ch] - mu * rs * g[ch];
+    for (int64_t i = 0; i < n; ++i) {
+      const float* xp = xd + (i * c + ch) * plane;
+      float* op = od + (i * c + ch) * plane;
+#pragma omp simd
+      for (int64_t j = 0; j < plane; ++j) op[j] = xp[j] * mul + add;
+    }
+    md[ch] = mu;
+    rd[ch] = rs;
+    vd[ch] = v;
+  }
+  return {out, mean, rstd, var};
+}
+
+std::vector<paddle::Tensor> BatchNormBackward(const paddle::Tensor& x, const paddle::Tensor& scale,
+                                              const paddle::Tensor& mean, const paddle::Tensor& rstd,
+                                              const paddle::Tensor& grad_out, float epsilon) {
+  const int64_t n = x.shape()[0], c = x.shape()[1], plane = x.numel() / (n * c);
+  auto grad_x = paddle::empty(x.shape(), x.dtype(), x.place());
+  auto grad_scale = paddle::empty(scale.shape(), scale.dtype(), scale.place());
+  auto grad_bias = paddle::empty(scale.shape(), scale.dtype(), scale.place());
+  const float *xd = x.data<float>(), *g = scale.data<float>(), *md = mean.data<float>();
+  const float *rd = rstd.data<float>(), *dy = grad_out.data<float>();
+  float *dx = grad_x.data<float>(), *gs = grad_scale.data<float>(), *gb = grad_bias.data<float>();
+  const double count = static_cast<double>(n * plane);
+#pragma omp parallel for schedule(static)
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const float mu = md[ch], rs = rd[ch];
+    double sum_dy = 0.0, sum_dy_xc = 0.0;  // sum dy, sum dy * (x - mean)
+    for (int64_t i = 0; i < n; ++i) {
+      const float* xp = xd + (i * c + ch) * plane;
+      const float* gp = dy + (i * c + ch) * plane;
+      float a = 0.0f, bsum = 0.0f;
+#pragma omp simd reduction(+ : a, bsum)
+      for (int64_t j = 0; j < plane; ++j) {
+        a += gp[j];
+        bsum += gp[j] * (xp[j] - mu);
+      }
+      sum_dy += a;
+      sum_dy_xc += bsum;
+    }
+    const float mean_dy = static_cast<float>(sum_dy / count);
+    // xhat * mean(dy * xhat) = (x - mean) * rs^2 * mean(dy * (x - mean))
+    const float k = static_cast<float>(sum_dy_xc / count) * rs * rs;
+    const float grs = g[ch] * rs;
+    for (int64_t i = 0; i < n; ++i) {
+      const float* xp = xd + (i * c + ch) * plane;
+      const float* gp = dy + (i * c + ch) * plane;
+      float* dp = dx + (i * c + ch) * plane;
+#pragma omp simd
+      for (int64_t j = 0; j < plane; ++j) dp[j] = grs * (gp[j] - mean_dy - (xp[j] - mu) * k);
+    }
+    gs[ch] = static_cast<float>(sum_dy_xc * rs);
+    gb[ch] = static_cast<float>(sum_dy);
+  }
+  return {grad_x, grad_scale, grad_bias};
+}
+
+std::vector<std::vector<int64_t>> BatchNormShape(const std::vector<int64_t>& x,
+                                                 const std::vector<int64_t>& scale,
+                                                 const std::vector<int64_t>&) {
+  return {x, scale, scale, scale};
+}
+
+std::vector<paddle::DataType> BatchNormDtype(const paddle::DataType& x, const paddle::DataType&,
+                                             const paddle::DataType&) {
+  return {x, x, x, x};
+}
+
 std::vector<std::vector<int64_t>> LayerNormShape(const std::vector<int64_t>& x,
                                                  const std::vector<int64_t>&,
                                                  const std::vector<int64_t>&) {
@@ -275,6 +386,20 @@ PD_BUILD_GRAD_OP(ppcls_layer_norm)
     .Outputs({paddle::Grad("X"), paddle::Grad("Scale"), paddle::Grad("Bias")})
     .Attrs({"epsilon: float"})
     .SetKernelFn(PD_KERNEL(LayerNormBackward));
+
+PD_BUILD_OP(ppcls_batch_norm)
+    .Inputs({"X", "Scale", "Bias"})
+    .Outputs({"Out", "Mean", "Rstd", "Var"})
+    .Attrs({"epsilon: float"})
+    .SetKernelFn(PD_KERNEL(BatchNormForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(BatchNormShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(BatchNormDtype));
+
+PD_BUILD_GRAD_OP(ppcls_batch_norm)
+    .Inputs({"X", "Scale", "Mean", "Rstd", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("X"), paddle::Grad("Scale"), paddle::Grad("Bias")})
+    .Attrs({"epsilon: float"})
+    .SetKernelFn(PD_KERNEL(BatchNormBackward));
 
 PD_BUILD_OP(ppcls_hardswish)
     .Inputs({"X"})

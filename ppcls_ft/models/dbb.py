@@ -23,7 +23,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from .layers import lr_attr
+from .layers import BatchNorm2D, lr_attr
 
 
 def _conv_bn(in_c, out_c, kernel, stride, padding, lr_mult):
@@ -35,7 +35,7 @@ def _conv_bn(in_c, out_c, kernel, stride, padding, lr_mult):
 
 
 def _bn(channels, lr_mult):
-    return nn.BatchNorm2D(channels, weight_attr=lr_attr(lr_mult), bias_attr=lr_attr(lr_mult))
+    return BatchNorm2D(channels, weight_attr=lr_attr(lr_mult), bias_attr=lr_attr(lr_mult))
 
 
 class _IdentityConv1x1(nn.Conv2D):

@@ -7,7 +7,8 @@
   the step by ``param.optimize_attr['learning_rate']``, so 0 freezes a parameter's update).
 * ``Conv2D``: ``nn.Conv2D`` whose depthwise case runs ppcls_ft's CPU kernel (``kernels/``).
 * ``Linear`` / ``add_broadcast``: a bias added over rows whose gradient is a matrix product.
-* ``LayerNorm`` / ``GELU`` / ``Hardswish``: Paddle's layers running ppcls_ft's CPU kernels.
+* ``LayerNorm`` / ``GELU`` / ``Hardswish`` / ``BatchNorm2D``: Paddle's layers running ppcls_ft's CPU
+  kernels.
 * ``DropPath``: stochastic depth, for any family with residual branches (Swin uses it).
 * ``check_lr_mult_list`` / ``check_stride_list``: validation that names ``Arch.<key>``.
 
@@ -155,6 +156,28 @@ class Hardswish(nn.Hardswish):
         return super().forward(x) if kernels is None else kernels.hardswish(x)
 
 
+class BatchNorm2D(nn.BatchNorm2D):
+    """``nn.BatchNorm2D`` (same parameters, buffers, names and keys) whose training-mode forward
+    with batch statistics runs ppcls_ft's CPU kernel (forward and backward 3x Paddle's) where
+    ``_cpu_kernels`` allows, NCHW, with scale and shift. The running statistics are updated as
+    Paddle does: ``running = momentum * running + (1 - momentum) * batch``, with the biased batch
+    variance. Evaluation, global statistics (``FineTune.freeze_bn_stats`` puts the layer in eval
+    mode), and everything else are Paddle's."""
+
+    def forward(self, x):
+        if (self.training and not self._use_global_stats and self._data_format == "NCHW"
+                and self.weight is not None and self.bias is not None):
+            kernels = _cpu_kernels(x)
+            if kernels is not None:
+                out, mean, var = kernels.batch_norm(x, self.weight, self.bias, self._epsilon)
+                with paddle.no_grad():
+                    m = self._momentum
+                    paddle.assign(self._mean * m + mean * (1.0 - m), output=self._mean)
+                    paddle.assign(self._variance * m + var * (1.0 - m), output=self._variance)
+                return out
+        return super().forward(x)
+
+
 _ACTIVATIONS = {"relu": nn.ReLU, "hardswish": Hardswish, "relu6": nn.ReLU6}
 
 
@@ -178,7 +201,7 @@ class ConvBNAct(nn.Layer):
                            padding=(kernel_size - 1) // 2, groups=groups,
                            weight_attr=lr_attr(lr_mult, initializer=init), bias_attr=False,
                            data_format=data_format)
-        self.bn = nn.BatchNorm2D(out_channels, weight_attr=lr_attr(lr_mult, bn_no_decay),
+        self.bn = BatchNorm2D(out_channels, weight_attr=lr_attr(lr_mult, bn_no_decay),
                                  bias_attr=lr_attr(lr_mult, bn_no_decay), data_format=data_format)
         self.act = _ACTIVATIONS[act]() if act else None
 

@@ -16,7 +16,7 @@ import paddle.nn.functional as F
 
 from ..registry import MODELS
 from .base import ClassifierBase
-from .layers import Conv2D, check_class_num, check_lr_mult_list, lr_attr
+from .layers import BatchNorm2D, Conv2D, check_class_num, check_lr_mult_list, lr_attr
 
 # (expansion t, output channels c at scale 1, repeats n, first stride s) for conv2 ... conv8.
 _STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
@@ -31,7 +31,7 @@ class ConvBNLayer(nn.Layer):
         self._conv = Conv2D(in_c, out_c, kernel_size, stride=stride,
                             padding=(kernel_size - 1) // 2, groups=groups,
                             weight_attr=lr_attr(lr_mult), bias_attr=False)
-        self._batch_norm = nn.BatchNorm2D(out_c, weight_attr=lr_attr(lr_mult),
+        self._batch_norm = BatchNorm2D(out_c, weight_attr=lr_attr(lr_mult),
                                           bias_attr=lr_attr(lr_mult))
 
     def forward(self, x, if_act=True):
