@@ -113,16 +113,20 @@ def prepare_cpu_env():
     """Select MKL's fastest path on AMD unless the user already chose; returns the CPU vendor."""
     vendor = cpu_vendor()
     wanted = os.environ.get("PPCLS_FT_MKL", "auto").strip().lower()
-    user = [key for key in ("MKL_DEBUG_CPU_TYPE", "MKL_ENABLE_INSTRUCTIONS") if key in os.environ]
-    if user:
-        STATE["route"] = "user"
-        return vendor
-    if vendor != "AMD":
-        if wanted == "avx2":
+    if vendor != "AMD":  # MKL picks its best path itself; PPCLS_FT_MKL=avx2 caps it
+        # AVX2 already set: by the user, or by this setting in a parent process (a launcher)
+        if wanted == "avx2" and os.environ.get("MKL_ENABLE_INSTRUCTIONS", "AVX2").upper() == "AVX2":
             os.environ["MKL_ENABLE_INSTRUCTIONS"] = "AVX2"
             STATE["route"] = "avx2"
+            if "paddle" in sys.modules:
+                STATE["error"] = "paddle was imported before ppcls_ft"
+        elif "MKL_ENABLE_INSTRUCTIONS" in os.environ or "MKL_DEBUG_CPU_TYPE" in os.environ:
+            STATE["route"] = "user"
         else:
             STATE["route"] = "native"
+        return vendor
+    if "MKL_DEBUG_CPU_TYPE" in os.environ:  # on AMD only this one gets MKL past its vendor check
+        STATE["route"] = "user"
         return vendor
     if "paddle" in sys.modules:  # MKL may be loaded and bound already: only the variable can help
         STATE["error"] = "paddle was imported before ppcls_ft"
@@ -169,7 +173,10 @@ def mkl_route_text():
             return (f"MKL path {path!r}, not AVX-512: MKL ignored ppcls_ft's vendor shim "
                     "(set PPCLS_FT_MKL=avx2 for its AVX2 path)")
         return "MKL AVX-512 path on AMD (ppcls_ft's vendor shim; PPCLS_FT_MKL=avx2 turns it off)"
-    if route == "avx2" and "MKL_DEBUG_CPU_TYPE" not in os.environ:
+    if route == "avx2" and cpu_vendor() != "AMD":
+        path = mkl_path() or "unknown"
+        if "AVX2" not in path:  # e.g. paddle was imported first and MKL had chosen already
+            return f"MKL path {path!r}, not AVX2, although PPCLS_FT_MKL=avx2 asked for it"
         return "MKL AVX2 path (MKL_ENABLE_INSTRUCTIONS=AVX2, from PPCLS_FT_MKL=avx2)"
     if route == "avx2":
         why = f"; AVX-512 shim unavailable: {STATE['error']}" if STATE["error"] else ""

@@ -74,8 +74,8 @@ def test_without_a_compiler_the_avx2_route_is_taken_and_said(tmp_path):
 def test_the_avx2_switch_selects_mkls_avx2_path_on_either_vendor(tmp_path):
     """PPCLS_FT_MKL=avx2 means MKL's AVX2 path on AMD (MKL_DEBUG_CPU_TYPE=5) and on Intel
     (MKL_ENABLE_INSTRUCTIONS=AVX2): benchmarks and tests compare the paths through it."""
-    if not _cpu.has_avx512():
-        pytest.skip("without AVX-512 MKL's best path is its AVX2 path already")
+    if not (AMD_AVX512 or (_cpu.cpu_vendor() == "Intel" and _cpu.has_avx512())):
+        pytest.skip(f"MKL's best path here is not AVX-512 ({NOT_AMD_AVX512}; an Intel CPU needs AVX-512)")
     native, fast = _probe(tmp_path, "native")
     avx2, ref = _probe(tmp_path, "avx2", PPCLS_FT_MKL="avx2")
     assert "AVX-512" in (native["mkl"] or ""), native
@@ -87,9 +87,16 @@ def test_a_users_own_mkl_setting_is_left_alone(tmp_path):
     info, _ = _probe(tmp_path, "user", MKL_DEBUG_CPU_TYPE="5")
     assert info["route"] == "user" and info["debug_type"] == "5"
     assert not (tmp_path / "cache").exists()  # nothing built or loaded
-    info, _ = _probe(tmp_path, "user-intel", MKL_ENABLE_INSTRUCTIONS="AVX2", PPCLS_FT_MKL="auto")
-    assert info["route"] == "user" and "MKL_ENABLE_INSTRUCTIONS=AVX2" in info["banner"]
-    assert "AVX2" in info["mkl"]
+
+
+@pytest.mark.skipif(_cpu.cpu_vendor() != "Intel", reason="MKL_ENABLE_INSTRUCTIONS alone steers MKL "
+                    f"on Intel CPUs only; this one is {_cpu.cpu_vendor()}")
+def test_an_intel_users_own_instruction_cap_is_left_alone(tmp_path):
+    info, _ = _probe(tmp_path, "user-intel", MKL_ENABLE_INSTRUCTIONS="SSE4_2")
+    assert info["route"] == "user" and "MKL_ENABLE_INSTRUCTIONS=SSE4_2" in info["banner"]
+    assert "AVX" not in (info["mkl"] or ""), info["mkl"]
+    info, _ = _probe(tmp_path, "user-intel-avx2", MKL_ENABLE_INSTRUCTIONS="SSE4_2", PPCLS_FT_MKL="avx2")
+    assert info["route"] == "user" and "AVX" not in (info["mkl"] or "")  # theirs wins over ours
 
 
 FAULTS = """
@@ -134,8 +141,10 @@ def test_freed_tensor_memory_is_reused_instead_of_faulted_in_again():
     said, kept = _faults("keep")
     assert "freed memory reused" in said
     _, system = _faults("system")
-    # 5 adds of 38 MB: each a fresh mmap of ~9,400 pages without the setting, reused with it
-    assert system > 5 * 5000 and kept < 2000, (system, kept)
+    # 5 adds of 38 MB: each a fresh mmap of ~9,400 pages without the setting, reused with it.
+    # Reused, except that now and then a small allocation splits the freed block and one add
+    # grows the heap once (seen in 4 of 10 runs, depending on the heap's layout): at most one.
+    assert system > 5 * 5000 and kept < system / 3, (system, kept)
     said, _ = _faults("keep", PPCLS_FT_MALLOC="system")
     assert said == "None"
 

@@ -243,13 +243,13 @@ def _train_step_values(model, x):
     return logits.numpy(), {k: p.grad.numpy().copy() for k, p in model.named_parameters()}
 
 
-def test_copying_transposes_change_no_value():
+def test_copying_transposes_change_no_value(monkeypatch):
     """setup_device turns Paddle's strided views off on the CPU (FLAGS_use_stride_kernel=0: a
     quarter of a Swin step was spent making views contiguous). Logits and every gradient of a
     training step are the same either way; the user's own flag is left alone."""
-    import os
-
     from ppcls_ft.utils.device import copying_transposes
+
+    monkeypatch.delenv("FLAGS_use_stride_kernel", raising=False)
 
     paddle.seed(0)
     model = build(TINY, class_num=3, img_size=64, drop_path_rate=0.0)
@@ -262,12 +262,11 @@ def test_copying_transposes_change_no_value():
         assert copying_transposes() is not None
         assert paddle.get_flags(["FLAGS_use_stride_kernel"])["FLAGS_use_stride_kernel"] is False
         copies = _train_step_values(model, x)
-        os.environ["FLAGS_use_stride_kernel"] = "1"
+        monkeypatch.setenv("FLAGS_use_stride_kernel", "1")
         paddle.set_flags({"FLAGS_use_stride_kernel": True})
         assert copying_transposes() is None
         assert paddle.get_flags(["FLAGS_use_stride_kernel"])["FLAGS_use_stride_kernel"] is True
     finally:
-        os.environ.pop("FLAGS_use_stride_kernel", None)
         paddle.set_flags(saved)
     np.testing.assert_allclose(copies[0], views[0], rtol=1e-6, atol=1e-6)
     assert views[1].keys() == copies[1].keys() and len(views[1]) > 100

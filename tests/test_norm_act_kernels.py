@@ -133,10 +133,12 @@ def test_layers_take_the_kernels_only_where_they_may(ops, tmp_path):
         images = paddle.to_tensor(np.ones([2, 3, 4, 4], np.float32))
         bn = BatchNorm2D(3)
         bn(images)
-        assert calls == ["layer_norm", "gelu", "batch_norm"]
+        Hardswish()(x)
+        assert calls == ["layer_norm", "gelu", "batch_norm", "hardswish"]
         bn.eval(), bn(images), BatchNorm2D(3, use_global_stats=True)(images)
         BatchNorm2D(3, data_format="NHWC")(images.transpose([0, 2, 3, 1]))
-        assert calls == ["layer_norm", "gelu", "batch_norm"]
+        GELU()(x.astype("float64")), Hardswish()(x.astype("float64"))  # not float32: Paddle's
+        assert calls == ["layer_norm", "gelu", "batch_norm", "hardswish"]
     finally:
         kernels._STATE.clear()
         kernels._STATE.update(saved)
@@ -170,6 +172,11 @@ def test_broadcast_add_has_the_plain_adds_values_and_gradients(x_shape, b_shape)
     np.testing.assert_allclose(b.grad.numpy(), ref[2], rtol=1e-5, atol=1e-5)
     with paddle.no_grad():
         np.testing.assert_array_equal(add_broadcast(paddle.to_tensor(xn), b).numpy(), ref[0])
+    x64, b64 = paddle.to_tensor(xn.astype(np.float64)), paddle.to_tensor(bn.astype(np.float64))
+    b64.stop_gradient = False
+    add_broadcast(x64, b64).backward(paddle.to_tensor(g.astype(np.float64)))  # plain add: same dtype
+    assert b64.grad.dtype == paddle.float64
+    np.testing.assert_allclose(b64.grad.numpy(), ref[2], rtol=1e-5, atol=1e-5)
 
 
 def test_linear_keeps_nn_linears_names_and_values():

@@ -86,12 +86,16 @@ class _AddBroadcast(paddle.autograd.PyLayer):
 
 def add_broadcast(x, b):
     """``x + b`` for a ``b`` whose shape is x's trailing axes (optionally led by 1s), the fast way
-    in dygraph. Static graphs (so exports) and other shapes get the plain add; the values are
-    the same either way."""
+    in dygraph on a float32 CPU tensor. Static graphs (so exports), other devices, dtypes and
+    shapes get the plain add; the values are the same either way."""
     trailing = list(b.shape)
     while len(trailing) > 1 and trailing[0] == 1:
         trailing = trailing[1:]
-    if not paddle.in_dynamic_mode() or list(x.shape[len(x.shape) - len(trailing):]) != trailing:
+    # dygraph CPU float32 only: on a GPU Paddle's broadcast add is fine, and under AMP the
+    # addmm would promote to float32 and hand an fp16 x a float32 gradient
+    if (not paddle.in_dynamic_mode() or not x.place.is_cpu_place() or len(b.shape) > len(x.shape)
+            or x.dtype != paddle.float32 or b.dtype != paddle.float32
+            or list(x.shape[len(x.shape) - len(trailing):]) != trailing):
         return x + b
     rows = int(np.prod(x.shape)) // int(np.prod(trailing))
     grad = paddle.is_grad_enabled()
@@ -107,8 +111,9 @@ class Linear(nn.Linear):
     name) whose bias is added by ``add_broadcast``."""
 
     def forward(self, x):
-        if self.bias is None:
-            return paddle.matmul(x, self.weight)
+        # static graphs (exports) and GPUs keep Paddle's linear (fused on a GPU)
+        if self.bias is None or not paddle.in_dynamic_mode() or not x.place.is_cpu_place():
+            return super().forward(x)
         return add_broadcast(paddle.matmul(x, self.weight), self.bias)
 
 
