@@ -64,7 +64,13 @@ def count_macs(model, size):
         in_per_group = layer.weight.shape[1]  # Paddle Conv2D weight: [out, in / groups, kh, kw]
         total[0] += int(np.prod(output.shape)) * in_per_group * kh * kw
 
+    inside_linear = [0]  # a Linear may run its product through paddle.matmul (models/layers.py)
+
+    def linear_pre_hook(layer, inputs):
+        inside_linear[0] += 1
+
     def linear_hook(layer, inputs, output):
+        inside_linear[0] -= 1
         total[0] += int(np.prod(output.shape)) * layer.weight.shape[0]  # weight: [in, out]
 
     hooks = []
@@ -72,13 +78,15 @@ def count_macs(model, size):
         if isinstance(layer, nn.Conv2D):
             hooks.append(layer.register_forward_post_hook(conv_hook))
         elif isinstance(layer, nn.Linear):
+            hooks.append(layer.register_forward_pre_hook(linear_pre_hook))
             hooks.append(layer.register_forward_post_hook(linear_hook))
     real_matmul = paddle.matmul
 
     def counting_matmul(x, y, transpose_x=False, transpose_y=False, name=None):
         out = real_matmul(x, y, transpose_x=transpose_x, transpose_y=transpose_y, name=name)
-        inner = x.shape[-2] if transpose_x else x.shape[-1]
-        total[0] += int(np.prod(out.shape)) * inner
+        if not inside_linear[0]:  # counted once, by the Linear's hook
+            inner = x.shape[-2] if transpose_x else x.shape[-1]
+            total[0] += int(np.prod(out.shape)) * inner
         return out
 
     paddle.matmul = counting_matmul

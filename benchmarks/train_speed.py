@@ -540,9 +540,11 @@ def markdown(results, ceilings, args, argv, info):
            "with the defaults.", ""] if args.iters < 10 or args.image_size else []),
         trainers_note(info),
         f"- environment: MKL for ppcls_ft: {_cpu.mkl_route_text()}; for PaddleClas: "
-        f"MKL_DEBUG_CPU_TYPE={child_env(PC).get('MKL_DEBUG_CPU_TYPE', 'unset')} (on AMD: MKL's AVX2 "
-        "path, the best an environment variable gives it; as shipped it runs MKL's generic path). "
-        f"Both: OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}, PYTHONUNBUFFERED=1 "
+        + (f"MKL_DEBUG_CPU_TYPE={child_env(PC).get('MKL_DEBUG_CPU_TYPE', 'unset')} (on AMD: MKL's "
+           "AVX2 path, the best an environment variable gives it; as shipped it runs MKL's generic "
+           "path). " if ppcls_ft.CPU_VENDOR == "AMD" else
+           f"MKL's native path (MKL picks its best path itself on this {ppcls_ft.CPU_VENDOR} CPU). ")
+        + f"Both: OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}, PYTHONUNBUFFERED=1 "
         "(PYTHONPATH: this checkout for ppcls_ft, unset for PaddleClas).",
         f"- data: for each model, batch x {args.iters} {results[0]['data'] if results else ''} "
         f"(one epoch), training crop {args.image_size or 'as in the config (224)'}, loader workers "

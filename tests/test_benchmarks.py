@@ -82,3 +82,16 @@ def test_train_speed_environments_and_comparison_runs(monkeypatch):
     monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")  # as this process's ppcls_ft sets it
     monkeypatch.setitem(bench._cpu.STATE, "route", "avx2")
     assert "MKL_ENABLE_INSTRUCTIONS" not in bench.child_env(bench.PC)
+
+
+def test_count_macs_counts_each_product_once():
+    """Swin-T's Linear layers run their product through paddle.matmul (models/layers.Linear):
+    counted once, it is the published 4.5 GMACs; ResNet50's 4.1."""
+    from ppcls_ft.models import build_model
+
+    table = load_script("model_table")
+    swin = build_model({"name": "SwinTransformer_tiny_patch4_window7_224", "class_num": 1000},
+                       load_weights=False)
+    assert abs(table.count_macs(swin, 224) / 1e9 - 4.5) < 0.1
+    resnet = build_model({"name": "ResNet50", "class_num": 1000}, load_weights=False)
+    assert abs(table.count_macs(resnet, 224) / 1e9 - 4.1) < 0.05
