@@ -45,3 +45,18 @@ def write_tiny_dataset(root, classes=3, per_class=4, size=(40, 48), seed=0):
 @pytest.fixture
 def tiny_dataset(tmp_path):
     return write_tiny_dataset(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def cpu_kernels():
+    """ppcls_ft's compiled CPU operators (ppcls_ft/kernels), built on first use; skips without a
+    C++ compiler (the stock kernels serve then), fails when a build that could run did not."""
+    import shutil
+
+    from ppcls_ft import kernels
+
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler on this machine: the stock kernels serve (tested apart)")
+    built = kernels.ops()
+    assert built is not None, f"the kernel build failed: {kernels._STATE['error']}"
+    return built

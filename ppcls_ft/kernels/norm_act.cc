@@ -403,26 +403,18 @@ PD_BUILD_GRAD_OP(ppcls_batch_norm)
     .Attrs({"epsilon: float"})
     .SetKernelFn(PD_KERNEL(BatchNormBackward));
 
-PD_BUILD_OP(ppcls_hardswish)
-    .Inputs({"X"})
-    .Outputs({"Out"})
-    .SetKernelFn(PD_KERNEL(HardswishForward))
-    .SetInferShapeFn(PD_INFER_SHAPE(SameShape))
-    .SetInferDtypeFn(PD_INFER_DTYPE(SameDtype));
+// The element-wise operators: y = f(x), and a backward from x and the output's gradient.
+#define PPCLS_ELEMENTWISE_OP(name, forward, backward)      \
+  PD_BUILD_OP(name)                                        \
+      .Inputs({"X"})                                       \
+      .Outputs({"Out"})                                    \
+      .SetKernelFn(PD_KERNEL(forward))                     \
+      .SetInferShapeFn(PD_INFER_SHAPE(SameShape))          \
+      .SetInferDtypeFn(PD_INFER_DTYPE(SameDtype));         \
+  PD_BUILD_GRAD_OP(name)                                   \
+      .Inputs({"X", paddle::Grad("Out")})                  \
+      .Outputs({paddle::Grad("X")})                        \
+      .SetKernelFn(PD_KERNEL(backward));
 
-PD_BUILD_GRAD_OP(ppcls_hardswish)
-    .Inputs({"X", paddle::Grad("Out")})
-    .Outputs({paddle::Grad("X")})
-    .SetKernelFn(PD_KERNEL(HardswishBackward));
-
-PD_BUILD_OP(ppcls_gelu)
-    .Inputs({"X"})
-    .Outputs({"Out"})
-    .SetKernelFn(PD_KERNEL(GeluForward))
-    .SetInferShapeFn(PD_INFER_SHAPE(SameShape))
-    .SetInferDtypeFn(PD_INFER_DTYPE(SameDtype));
-
-PD_BUILD_GRAD_OP(ppcls_gelu)
-    .Inputs({"X", paddle::Grad("Out")})
-    .Outputs({paddle::Grad("X")})
-    .SetKernelFn(PD_KERNEL(GeluBackward));
+PPCLS_ELEMENTWISE_OP(ppcls_hardswish, HardswishForward, HardswishBackward)
+PPCLS_ELEMENTWISE_OP(ppcls_gelu, GeluForward, GeluBackward)
