@@ -5,9 +5,9 @@ wherever they cannot run.
 the last axis, exact GELU, hardswish and training-mode batch norm, forward and backward (why by
 hand: each file's header).
 ``models/layers.py`` gives the layers that call them (``Conv2D``'s depthwise case, ``LayerNorm``,
-``GELU``, ``Hardswish``, ``BatchNorm2D``) in dygraph on the CPU in float32; everything else (static graphs, so exports and
-``paddle.jit``; GPUs; AMP dtypes; dilation; rectangular strides) runs Paddle's own kernels, so
-an exported model never contains a custom operator.
+``GELU``, ``Hardswish``, ``BatchNorm2D``) in dygraph on the CPU in float32; everything else
+(static graphs, so exports and ``paddle.jit``; GPUs; AMP dtypes; dilation; rectangular strides)
+runs Paddle's own kernels, so an exported model never contains a custom operator.
 
 The operators are compiled once per machine, at the first layer a process runs that uses one,
 with ``paddle.utils.cpp_extension.load`` in a child process (gcc, about 20 s) into
@@ -25,7 +25,6 @@ import hashlib
 import logging
 import os
 from pathlib import Path
-
 from types import SimpleNamespace
 
 from .._cpu import cpuinfo_line, kernel_cache_root

@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "paddle/extension.h"
@@ -375,33 +376,26 @@ std::vector<std::vector<int64_t>> SameShape(const std::vector<int64_t>& x) { ret
 
 std::vector<paddle::DataType> SameDtype(const paddle::DataType& x) { return {x}; }
 
-PD_BUILD_OP(ppcls_layer_norm)
-    .Inputs({"X", "Scale", "Bias"})
-    .Outputs({"Out", "Mean", "Rstd"})
-    .Attrs({"epsilon: float"})
-    .SetKernelFn(PD_KERNEL(LayerNormForward))
-    .SetInferShapeFn(PD_INFER_SHAPE(LayerNormShape))
-    .SetInferDtypeFn(PD_INFER_DTYPE(LayerNormDtype));
+// The two norms share a signature: (x, scale, shift; epsilon) -> out, mean, rstd[, var], and a
+// backward from x, scale, mean and rstd to the gradients of x, scale and shift.
+#define PPCLS_NORM_OP(name, outputs, forward, backward, shape, dtype)                   \
+  PD_BUILD_OP(name)                                                                    \
+      .Inputs({"X", "Scale", "Bias"})                                                  \
+      .Outputs(outputs)                                                                \
+      .Attrs({"epsilon: float"})                                                       \
+      .SetKernelFn(PD_KERNEL(forward))                                                 \
+      .SetInferShapeFn(PD_INFER_SHAPE(shape))                                          \
+      .SetInferDtypeFn(PD_INFER_DTYPE(dtype));                                         \
+  PD_BUILD_GRAD_OP(name)                                                               \
+      .Inputs({"X", "Scale", "Mean", "Rstd", paddle::Grad("Out")})                     \
+      .Outputs({paddle::Grad("X"), paddle::Grad("Scale"), paddle::Grad("Bias")})       \
+      .Attrs({"epsilon: float"})                                                       \
+      .SetKernelFn(PD_KERNEL(backward));
 
-PD_BUILD_GRAD_OP(ppcls_layer_norm)
-    .Inputs({"X", "Scale", "Mean", "Rstd", paddle::Grad("Out")})
-    .Outputs({paddle::Grad("X"), paddle::Grad("Scale"), paddle::Grad("Bias")})
-    .Attrs({"epsilon: float"})
-    .SetKernelFn(PD_KERNEL(LayerNormBackward));
-
-PD_BUILD_OP(ppcls_batch_norm)
-    .Inputs({"X", "Scale", "Bias"})
-    .Outputs({"Out", "Mean", "Rstd", "Var"})
-    .Attrs({"epsilon: float"})
-    .SetKernelFn(PD_KERNEL(BatchNormForward))
-    .SetInferShapeFn(PD_INFER_SHAPE(BatchNormShape))
-    .SetInferDtypeFn(PD_INFER_DTYPE(BatchNormDtype));
-
-PD_BUILD_GRAD_OP(ppcls_batch_norm)
-    .Inputs({"X", "Scale", "Mean", "Rstd", paddle::Grad("Out")})
-    .Outputs({paddle::Grad("X"), paddle::Grad("Scale"), paddle::Grad("Bias")})
-    .Attrs({"epsilon: float"})
-    .SetKernelFn(PD_KERNEL(BatchNormBackward));
+PPCLS_NORM_OP(ppcls_layer_norm, (std::vector<std::string>{"Out", "Mean", "Rstd"}),
+              LayerNormForward, LayerNormBackward, LayerNormShape, LayerNormDtype)
+PPCLS_NORM_OP(ppcls_batch_norm, (std::vector<std::string>{"Out", "Mean", "Rstd", "Var"}),
+              BatchNormForward, BatchNormBackward, BatchNormShape, BatchNormDtype)
 
 // The element-wise operators: y = f(x), and a backward from x and the output's gradient.
 #define PPCLS_ELEMENTWISE_OP(name, forward, backward)      \

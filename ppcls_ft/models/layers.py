@@ -49,12 +49,26 @@ class Conv2D(nn.Conv2D):
                       and len(set(st)) == 1 and set(dil) == {1} and self._kernel_size[0] == self._kernel_size[1])
 
     def forward(self, x):
-        if self._fast and paddle.in_dynamic_mode() and x.dtype == paddle.float32 and x.place.is_cpu_place():
-            from ..kernels import depthwise_op
-            op = depthwise_op()
-            if op is not None:
-                return op(x, self.weight, int(self._stride[0]), int(self._padding))
+        kernels = _cpu_kernels(x) if self._fast else None
+        if kernels is not None:
+            return kernels.dwconv(x, self.weight, int(self._stride[0]), int(self._padding))
         return super().forward(x)
+
+
+def _dygraph_cpu_float32(*tensors):
+    """Whether every tensor may take a CPU fast path: dygraph, on the CPU, float32. Static graphs
+    (exports, ``paddle.jit``), GPUs and AMP dtypes keep Paddle's own operators."""
+    return paddle.in_dynamic_mode() and all(
+        t.dtype == paddle.float32 and t.place.is_cpu_place() for t in tensors)
+
+
+def _cpu_kernels(x):
+    """ppcls_ft's compiled CPU operators when ``x`` may use them (``_dygraph_cpu_float32`` and the
+    build available), else None."""
+    if _dygraph_cpu_float32(x):
+        from ..kernels import ops
+        return ops()
+    return None
 
 
 def _rows_plus(x, b, rows):
@@ -91,15 +105,13 @@ def add_broadcast(x, b):
     trailing = list(b.shape)
     while len(trailing) > 1 and trailing[0] == 1:
         trailing = trailing[1:]
-    # dygraph CPU float32 only: on a GPU Paddle's broadcast add is fine, and under AMP the
-    # addmm would promote to float32 and hand an fp16 x a float32 gradient
-    if (not paddle.in_dynamic_mode() or not x.place.is_cpu_place() or len(b.shape) > len(x.shape)
-            or x.dtype != paddle.float32 or b.dtype != paddle.float32
+    # on a GPU Paddle's broadcast add is fine; under AMP the addmm would promote to float32 and
+    # hand an fp16 x a float32 gradient
+    if (not _dygraph_cpu_float32(x, b) or len(b.shape) > len(x.shape)
             or list(x.shape[len(x.shape) - len(trailing):]) != trailing):
         return x + b
     rows = int(np.prod(x.shape)) // int(np.prod(trailing))
-    grad = paddle.is_grad_enabled()
-    if not grad or (x.stop_gradient and b.stop_gradient):
+    if not paddle.is_grad_enabled() or (x.stop_gradient and b.stop_gradient):
         return _rows_plus(x, b, rows)
     if b.stop_gradient:  # x's gradient is dy itself: nothing to sum
         return x + b
@@ -112,18 +124,9 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         # static graphs (exports) and GPUs keep Paddle's linear (fused on a GPU)
-        if self.bias is None or not paddle.in_dynamic_mode() or not x.place.is_cpu_place():
+        if self.bias is None or not _dygraph_cpu_float32(x):
             return super().forward(x)
         return add_broadcast(paddle.matmul(x, self.weight), self.bias)
-
-
-def _cpu_kernels(x):
-    """ppcls_ft's compiled CPU operators when ``x`` may use them (dygraph, a float32 CPU tensor,
-    the build available), else None."""
-    if paddle.in_dynamic_mode() and x.dtype == paddle.float32 and x.place.is_cpu_place():
-        from ..kernels import ops
-        return ops()
-    return None
 
 
 class LayerNorm(nn.LayerNorm):
