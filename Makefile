@@ -16,6 +16,10 @@ $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[cpu,test,serve]"
+	@# oneDNN's C++ headers for the dense-convolution kernel (ppcls_ft/kernels/onednn_headers.py).
+	@# --no-deps: the library itself is the one in Paddle's wheel; the package's dependencies are
+	@# a 600 MB SYCL runtime. Optional: without it that kernel is Paddle's convolution.
+	$(PY) -m pip install -q --no-deps "onednn-devel==2025.0.1" || echo "onednn-devel not installed: Paddle's dense convolution will serve"
 	touch $(STAMP)
 
 install: $(STAMP)

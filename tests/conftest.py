@@ -58,5 +58,5 @@ def cpu_kernels():
     if shutil.which("g++") is None and shutil.which("c++") is None:
         pytest.skip("no C++ compiler on this machine: the stock kernels serve (tested apart)")
     built = kernels.ops()
-    assert built is not None, f"the kernel build failed: {kernels._STATE['error']}"
+    assert built is not None, f"the kernel build failed: {kernels._STATE['errors']}"
     return built

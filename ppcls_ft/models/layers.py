@@ -5,7 +5,7 @@
   (``stem.0.conv.weight``, ``blocks2.0.dw_conv.bn._mean``, ...).
 * ``lr_attr``: the ``ParamAttr`` PaddleClas builds for ``lr_mult_list`` (Paddle optimizers multiply
   the step by ``param.optimize_attr['learning_rate']``, so 0 freezes a parameter's update).
-* ``Conv2D``: ``nn.Conv2D`` whose depthwise case runs ppcls_ft's CPU kernel (``kernels/``).
+* ``Conv2D``: ``nn.Conv2D`` whose depthwise and dense cases run ppcls_ft's CPU kernels (``kernels/``).
 * ``Linear`` / ``add_broadcast``: a bias added over rows whose gradient is a matrix product.
 * ``LayerNorm`` / ``GELU`` / ``Hardswish`` / ``BatchNorm2D``: Paddle's layers running ppcls_ft's CPU
   kernels.
@@ -32,26 +32,57 @@ def lr_attr(lr_mult: float = 1.0, no_decay: bool = False, initializer=None) -> P
                      regularizer=L2Decay(0.0) if no_decay else None)
 
 
+def _explicit_padding(padding):
+    """``nn.Conv2D``'s ``padding`` (an int, [ph, pw], [top, bottom, left, right], or the
+    [[0, 0], [0, 0], [t, b], [l, r]] form) as [top, bottom, left, right]; None for anything else
+    ("SAME", "VALID", channels-last pairs), which Paddle's convolution keeps."""
+    if isinstance(padding, int):
+        return [padding] * 4
+    if not isinstance(padding, (list, tuple)):
+        return None
+    flat = list(padding)
+    if len(flat) == 4 and all(isinstance(p, (list, tuple)) for p in flat):
+        if [list(p) for p in flat[:2]] != [[0, 0], [0, 0]]:
+            return None
+        flat = [*flat[2], *flat[3]]
+    if not all(isinstance(p, int) and p >= 0 for p in flat):
+        return None
+    if len(flat) == 2:
+        return [flat[0], flat[0], flat[1], flat[1]]
+    return flat if len(flat) == 4 else None
+
+
 class Conv2D(nn.Conv2D):
     """``nn.Conv2D`` (same parameters, state_dict keys and parameter names: the class name is what
-    Paddle derives the names from) whose depthwise case - groups == in == out channels, NCHW,
-    square stride, symmetric padding, no dilation, no bias - runs ppcls_ft's CPU kernel in dygraph on a
-    float32 CPU tensor (``ppcls_ft/kernels``: 2-10x Paddle's on these cores). Anything else, and
-    every static graph (export, ``paddle.jit``), is Paddle's own convolution."""
+    Paddle derives the names from) running ppcls_ft's CPU kernels in dygraph on a float32 CPU
+    tensor, for NCHW, zero padding, no dilation and no bias:
+
+    * the depthwise case (groups == in == out channels, square stride, symmetric padding):
+      ``kernels/depthwise_conv.cc``, 2-10x Paddle's on these cores;
+    * the dense case (groups == 1): ``kernels/onednn_conv.cc``, oneDNN's primitives, 1.6-4x
+      Paddle's im2col convolution forward and backward.
+
+    Anything else, and every static graph (export, ``paddle.jit``), is Paddle's own convolution."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, groups=1, **kw):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                          groups=groups, **kw)
         st, pad, dil = self._stride, self._padding, self._dilation
-        self._fast = (groups == in_channels == out_channels and self.bias is None  # the kernel adds none
-                      and self._data_format == "NCHW"
-                      and self._padding_mode == "zeros" and isinstance(pad, int)
-                      and len(set(st)) == 1 and set(dil) == {1} and self._kernel_size[0] == self._kernel_size[1])
+        plain = (self.bias is None and self._data_format == "NCHW"  # the kernels add no bias
+                 and self._padding_mode == "zeros" and set(dil) == {1})
+        self._depthwise = (plain and groups == in_channels == out_channels and isinstance(pad, int)
+                           and len(set(st)) == 1 and self._kernel_size[0] == self._kernel_size[1])
+        self._pads = _explicit_padding(pad) if plain and groups == 1 else None
 
     def forward(self, x):
-        kernels = _cpu_kernels(x) if self._fast else None
-        if kernels is not None:
-            return kernels.dwconv(x, self.weight, int(self._stride[0]), int(self._padding))
+        if self._depthwise:
+            dwconv = _cpu_op(x, "dwconv")
+            if dwconv is not None:
+                return dwconv(x, self.weight, int(self._stride[0]), int(self._padding))
+        elif self._pads is not None:
+            conv2d = _cpu_op(x, "conv2d")
+            if conv2d is not None:
+                return conv2d(x, self.weight, [int(s) for s in self._stride], self._pads)
         return super().forward(x)
 
 
@@ -62,12 +93,12 @@ def _dygraph_cpu_float32(*tensors):
         t.dtype == paddle.float32 and t.place.is_cpu_place() for t in tensors)
 
 
-def _cpu_kernels(x):
-    """ppcls_ft's compiled CPU operators when ``x`` may use them (``_dygraph_cpu_float32`` and the
-    build available), else None."""
+def _cpu_op(x, name):
+    """ppcls_ft's compiled CPU operator ``name`` (``kernels.OPS``) when ``x`` may use it
+    (``_dygraph_cpu_float32`` and its library built), else None."""
     if _dygraph_cpu_float32(x):
-        from ..kernels import ops
-        return ops()
+        from ..kernels import op
+        return op(name)
     return None
 
 
@@ -132,42 +163,42 @@ class Linear(nn.Linear):
 class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` (same parameters, names and keys) over the last axis, running ppcls_ft's
     CPU kernel (``kernels/norm_act.cc``: its backward 10x Paddle's on these cores) where
-    ``_cpu_kernels`` allows and the layer has both scale and shift; Paddle's otherwise."""
+    ``_cpu_op`` allows and the layer has both scale and shift; Paddle's otherwise."""
 
     def forward(self, x):
         if len(self._normalized_shape) == 1 and self.weight is not None and self.bias is not None:
-            kernels = _cpu_kernels(x)
-            if kernels is not None:
-                return kernels.layer_norm(x, self.weight, self.bias, self._epsilon)
+            layer_norm = _cpu_op(x, "layer_norm")
+            if layer_norm is not None:
+                return layer_norm(x, self.weight, self.bias, self._epsilon)
         return super().forward(x)
 
 
 class GELU(nn.GELU):
-    """``nn.GELU`` whose exact (erf) form runs ppcls_ft's CPU kernel where ``_cpu_kernels``
+    """``nn.GELU`` whose exact (erf) form runs ppcls_ft's CPU kernel where ``_cpu_op``
     allows (forward 3x, backward 4x Paddle's); the tanh approximation is Paddle's."""
 
     def forward(self, x):
         if not self._approximate:
-            kernels = _cpu_kernels(x)
-            if kernels is not None:
-                return kernels.gelu(x)
+            gelu = _cpu_op(x, "gelu")
+            if gelu is not None:
+                return gelu(x)
         return super().forward(x)
 
 
 class Hardswish(nn.Hardswish):
-    """``nn.Hardswish`` on ppcls_ft's CPU kernel where ``_cpu_kernels`` allows (forward 2x,
+    """``nn.Hardswish`` on ppcls_ft's CPU kernel where ``_cpu_op`` allows (forward 2x,
     backward 3x Paddle's; PPLCNet trains 1.22x faster). ReLU and ReLU6 stay Paddle's: the same
     kind of kernel for them measured no faster inside MobileNetV2 and ResNet50."""
 
     def forward(self, x):
-        kernels = _cpu_kernels(x)
-        return super().forward(x) if kernels is None else kernels.hardswish(x)
+        hardswish = _cpu_op(x, "hardswish")
+        return super().forward(x) if hardswish is None else hardswish(x)
 
 
 class BatchNorm2D(nn.BatchNorm2D):
     """``nn.BatchNorm2D`` (same parameters, buffers, names and keys) whose training-mode forward
     with batch statistics runs ppcls_ft's CPU kernel (forward and backward 3x Paddle's) where
-    ``_cpu_kernels`` allows, NCHW, with scale and shift. The running statistics are updated as
+    ``_cpu_op`` allows, NCHW, with scale and shift. The running statistics are updated as
     Paddle does: ``running = momentum * running + (1 - momentum) * batch``, with the biased batch
     variance. Evaluation, global statistics (``FineTune.freeze_bn_stats`` puts the layer in eval
     mode), and everything else are Paddle's."""
@@ -175,9 +206,9 @@ class BatchNorm2D(nn.BatchNorm2D):
     def forward(self, x):
         if (self.training and not self._use_global_stats and self._data_format == "NCHW"
                 and self.weight is not None and self.bias is not None):
-            kernels = _cpu_kernels(x)
-            if kernels is not None:
-                out, mean, var = kernels.batch_norm(x, self.weight, self.bias, self._epsilon)
+            batch_norm = _cpu_op(x, "batch_norm")
+            if batch_norm is not None:
+                out, mean, var = batch_norm(x, self.weight, self.bias, self._epsilon)
                 with paddle.no_grad():
                     m = self._momentum
                     paddle.assign(self._mean * m + mean * (1.0 - m), output=self._mean)

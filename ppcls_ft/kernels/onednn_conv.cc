@@ -1,0 +1,216 @@
+// Dense 2-D convolution (groups == 1, no bias), float32, NCHW, CPU: forward, input gradient and
+// weight gradient through oneDNN's primitives, as a Paddle custom operator
+// (ppcls_ft/kernels/__init__.py builds it against the libdnnl.so.3 that Paddle's wheel ships, with
+// the API headers of the matching oneDNN release from PyPI's onednn-devel).
+//
+// Why: Paddle 3.3.1's dygraph CPU convolution is im2col + one MKL GEMM per image, forward and
+// backward, and ignores FLAGS_use_mkldnn; on 2 cores its step scales only 1.4x from one thread to
+// two and runs ResNet50 at a third of paddle-inference's forward efficiency, which uses these
+// oneDNN primitives. Nothing here computes a convolution: oneDNN chooses its kernel (a blocked
+// layout, AVX-512 or AVX2 by the CPU), and this file only describes the tensors, reorders
+// Paddle's plain NCHW/OIHW buffers to and from the layout the kernel asked for, and caches each
+// shape's primitives (creating one JIT-compiles it: milliseconds, every step would pay it).
+#include <map>
+#include <memory>
+#include <mutex>
+#include <tuple>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "paddle/extension.h"
+
+namespace {
+
+using dnnl::memory;
+using Tag = memory::format_tag;
+
+dnnl::engine& cpu_engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+struct Shape {
+  memory::dims x, w, out, strides, pad_l, pad_r, dilates;
+  bool operator<(const Shape& o) const {
+    return std::tie(x, w, strides, pad_l, pad_r, dilates) <
+           std::tie(o.x, o.w, o.strides, o.pad_l, o.pad_r, o.dilates);
+  }
+};
+
+Shape shape_of(const std::vector<int64_t>& x, const std::vector<int64_t>& w,
+               const std::vector<int>& strides, const std::vector<int>& paddings) {
+  PD_CHECK(x.size() == 4 && w.size() == 4 && w[1] == x[1],
+           "ppcls_conv2d: x must be NCHW and weight [O, C, kh, kw] with C = x's channels");
+  PD_CHECK(strides.size() == 2 && paddings.size() == 4,
+           "ppcls_conv2d: strides [sh, sw] and paddings [top, bottom, left, right]");
+  Shape s;
+  s.x = {x[0], x[1], x[2], x[3]};
+  s.w = {w[0], w[1], w[2], w[3]};
+  s.strides = {strides[0], strides[1]};
+  s.pad_l = {paddings[0], paddings[2]};
+  s.pad_r = {paddings[1], paddings[3]};
+  s.dilates = {0, 0};
+  int64_t oh = (x[2] + paddings[0] + paddings[1] - w[2]) / strides[0] + 1;
+  int64_t ow = (x[3] + paddings[2] + paddings[3] - w[3]) / strides[1] + 1;
+  PD_CHECK(oh > 0 && ow > 0, "ppcls_conv2d: kernel larger than the padded input");
+  s.out = {x[0], w[0], oh, ow};
+  return s;
+}
+
+// One shape's primitives, built at its first forward and its first backward.
+struct Plan {
+  dnnl::convolution_forward::primitive_desc fwd_pd;
+  dnnl::convolution_forward fwd;
+  dnnl::convolution_backward_data::primitive_desc bwd_data_pd;
+  dnnl::convolution_backward_data bwd_data;
+  dnnl::convolution_backward_weights::primitive_desc bwd_weights_pd;
+  dnnl::convolution_backward_weights bwd_weights;
+  bool has_backward = false;
+};
+
+std::mutex plans_mutex;
+std::map<Shape, std::unique_ptr<Plan>> plans;
+
+memory::desc any_desc(const memory::dims& dims) {
+  return memory::desc(dims, memory::data_type::f32, Tag::any);
+}
+
+Plan& plan_for(const Shape& s, bool backward) {
+  std::lock_guard<std::mutex> guard(plans_mutex);
+  auto& slot = plans[s];
+  auto& eng = cpu_engine();
+  if (!slot) {
+    slot.reset(new Plan);
+    // forward_training: the backward primitives take this descriptor as their hint.
+    slot->fwd_pd = dnnl::convolution_forward::primitive_desc(
+        eng, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
+        any_desc(s.x), any_desc(s.w), any_desc(s.out), s.strides, s.dilates, s.pad_l, s.pad_r);
+    slot->fwd = dnnl::convolution_forward(slot->fwd_pd);
+  }
+  if (backward && !slot->has_backward) {
+    slot->bwd_data_pd = dnnl::convolution_backward_data::primitive_desc(
+        eng, dnnl::algorithm::convolution_direct, any_desc(s.x), any_desc(s.w), any_desc(s.out),
+        s.strides, s.dilates, s.pad_l, s.pad_r, slot->fwd_pd);
+    slot->bwd_data = dnnl::convolution_backward_data(slot->bwd_data_pd);
+    slot->bwd_weights_pd = dnnl::convolution_backward_weights::primitive_desc(
+        eng, dnnl::algorithm::convolution_direct, any_desc(s.x), any_desc(s.w), any_desc(s.out),
+        s.strides, s.dilates, s.pad_l, s.pad_r, slot->fwd_pd);
+    slot->bwd_weights = dnnl::convolution_backward_weights(slot->bwd_weights_pd);
+    slot->has_backward = true;
+  }
+  return *slot;
+}
+
+// A Paddle buffer in the layout a primitive wants: the buffer itself when the layouts agree, else
+// a reordered copy (executed on `stream` now).
+memory as_input(const float* data, const memory::dims& dims, Tag plain, const memory::desc& want,
+                dnnl::stream& stream) {
+  auto& eng = cpu_engine();
+  memory user(memory::desc(dims, memory::data_type::f32, plain), eng, const_cast<float*>(data));
+  if (want == user.get_desc()) return user;
+  memory mem(want, eng);
+  dnnl::reorder(user, mem).execute(stream, user, mem);
+  return mem;
+}
+
+// Where a primitive writes: the Paddle buffer itself when the layouts agree, else scratch memory
+// that finish_output reorders into it.
+memory as_output(float* data, const memory::dims& dims, Tag plain, const memory::desc& want) {
+  auto& eng = cpu_engine();
+  memory user(memory::desc(dims, memory::data_type::f32, plain), eng, data);
+  if (want == user.get_desc()) return user;
+  return memory(want, eng);
+}
+
+void finish_output(memory& produced, float* data, const memory::dims& dims, Tag plain,
+                   dnnl::stream& stream) {
+  auto& eng = cpu_engine();
+  memory user(memory::desc(dims, memory::data_type::f32, plain), eng, data);
+  if (produced.get_data_handle() == user.get_data_handle()) return;
+  dnnl::reorder(produced, user).execute(stream, produced, user);
+}
+
+void check_inputs(const paddle::Tensor& x, const paddle::Tensor& weight) {
+  PD_CHECK(x.is_cpu() && weight.is_cpu(), "ppcls_conv2d: CPU tensors only");
+  PD_CHECK(x.dtype() == paddle::DataType::FLOAT32 && weight.dtype() == paddle::DataType::FLOAT32,
+           "ppcls_conv2d: float32 only");
+  PD_CHECK(x.numel() > 0, "ppcls_conv2d: empty input");
+}
+
+std::vector<paddle::Tensor> ConvForward(const paddle::Tensor& x, const paddle::Tensor& weight,
+                                        const std::vector<int>& strides,
+                                        const std::vector<int>& paddings) {
+  check_inputs(x, weight);
+  Shape s = shape_of(x.shape(), weight.shape(), strides, paddings);
+  Plan& plan = plan_for(s, false);
+  auto out = paddle::empty(s.out, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  dnnl::stream stream(cpu_engine());
+  memory src = as_input(x.data<float>(), s.x, Tag::nchw, plan.fwd_pd.src_desc(), stream);
+  memory wts = as_input(weight.data<float>(), s.w, Tag::oihw, plan.fwd_pd.weights_desc(), stream);
+  memory dst = as_output(out.data<float>(), s.out, Tag::nchw, plan.fwd_pd.dst_desc());
+  plan.fwd.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wts}, {DNNL_ARG_DST, dst}});
+  finish_output(dst, out.data<float>(), s.out, Tag::nchw, stream);
+  stream.wait();
+  return {out};
+}
+
+std::vector<paddle::Tensor> ConvBackward(const paddle::Tensor& x, const paddle::Tensor& weight,
+                                         const paddle::Tensor& grad_out,
+                                         const std::vector<int>& strides,
+                                         const std::vector<int>& paddings) {
+  check_inputs(x, weight);
+  Shape s = shape_of(x.shape(), weight.shape(), strides, paddings);
+  PD_CHECK(grad_out.shape() == std::vector<int64_t>(s.out.begin(), s.out.end()),
+           "ppcls_conv2d: the output gradient's shape differs from the output's");
+  Plan& plan = plan_for(s, true);
+  auto grad_x = paddle::empty(s.x, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  auto grad_w = paddle::empty(s.w, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  dnnl::stream stream(cpu_engine());
+  // The two primitives may want the output gradient in different layouts; reorder once per layout.
+  memory dy_data = as_input(grad_out.data<float>(), s.out, Tag::nchw,
+                            plan.bwd_data_pd.diff_dst_desc(), stream);
+  memory dy_weights = plan.bwd_weights_pd.diff_dst_desc() == dy_data.get_desc()
+                          ? dy_data
+                          : as_input(grad_out.data<float>(), s.out, Tag::nchw,
+                                     plan.bwd_weights_pd.diff_dst_desc(), stream);
+  memory wts = as_input(weight.data<float>(), s.w, Tag::oihw, plan.bwd_data_pd.weights_desc(), stream);
+  memory dx = as_output(grad_x.data<float>(), s.x, Tag::nchw, plan.bwd_data_pd.diff_src_desc());
+  plan.bwd_data.execute(stream,
+                        {{DNNL_ARG_DIFF_DST, dy_data}, {DNNL_ARG_WEIGHTS, wts}, {DNNL_ARG_DIFF_SRC, dx}});
+  finish_output(dx, grad_x.data<float>(), s.x, Tag::nchw, stream);
+  memory src = as_input(x.data<float>(), s.x, Tag::nchw, plan.bwd_weights_pd.src_desc(), stream);
+  memory dw = as_output(grad_w.data<float>(), s.w, Tag::oihw, plan.bwd_weights_pd.diff_weights_desc());
+  plan.bwd_weights.execute(stream,
+                           {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, dy_weights}, {DNNL_ARG_DIFF_WEIGHTS, dw}});
+  finish_output(dw, grad_w.data<float>(), s.w, Tag::oihw, stream);
+  stream.wait();
+  return {grad_x, grad_w};
+}
+
+std::vector<std::vector<int64_t>> ConvForwardShape(const std::vector<int64_t>& x,
+                                                   const std::vector<int64_t>& w,
+                                                   const std::vector<int>& strides,
+                                                   const std::vector<int>& paddings) {
+  Shape s = shape_of(x, w, strides, paddings);
+  return {std::vector<int64_t>(s.out.begin(), s.out.end())};
+}
+
+std::vector<paddle::DataType> ConvForwardDtype(const paddle::DataType& x, const paddle::DataType&) {
+  return {x};
+}
+
+}  // namespace
+
+PD_BUILD_OP(ppcls_conv2d)
+    .Inputs({"X", "W"})
+    .Outputs({"Out"})
+    .Attrs({"strides: std::vector<int>", "paddings: std::vector<int>"})
+    .SetKernelFn(PD_KERNEL(ConvForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(ConvForwardShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(ConvForwardDtype));
+
+PD_BUILD_GRAD_OP(ppcls_conv2d)
+    .Inputs({"X", "W", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("X"), paddle::Grad("W")})
+    .Attrs({"strides: std::vector<int>", "paddings: std::vector<int>"})
+    .SetKernelFn(PD_KERNEL(ConvBackward));

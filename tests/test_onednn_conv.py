@@ -1,0 +1,190 @@
+"""The dense convolution on oneDNN (ppcls_ft/kernels/onednn_conv.cc): values and gradients against
+Paddle's convolution, the layers that take it, and what happens without oneDNN's headers."""
+import logging
+import shutil
+
+import numpy as np
+import paddle
+import pytest
+
+from ppcls_ft import kernels
+from ppcls_ft.kernels import onednn_headers
+from ppcls_ft.models import build_model
+from ppcls_ft.models.layers import Conv2D
+
+F = paddle.nn.functional
+LIBDNNL = kernels._paddle_libs() / "libdnnl.so.3"
+
+
+@pytest.fixture
+def conv(cpu_kernels):
+    try:
+        onednn_headers.find()
+    except RuntimeError as exc:
+        pytest.skip(f"oneDNN's headers are not installed ({exc}): Paddle's convolution serves")
+    assert cpu_kernels.conv2d is not None, kernels._STATE["errors"]
+    return cpu_kernels.conv2d
+
+
+def _grads(fn, xn, wn, gn):
+    x = paddle.to_tensor(xn, stop_gradient=False)
+    w = paddle.to_tensor(wn, stop_gradient=False)
+    y = fn(x, w)
+    y.backward(paddle.to_tensor(gn))
+    return y.numpy(), x.grad.numpy(), w.grad.numpy()
+
+
+# (n, in, out, h, w, kernel [kh, kw], strides, paddings [top, bottom, left, right])
+CASES = [
+    (2, 3, 8, 33, 30, [7, 7], [2, 2], [3, 3, 3, 3]),  # ResNet's stem, odd sizes
+    (2, 16, 16, 9, 9, [3, 3], [1, 1], [1, 1, 1, 1]),
+    (2, 16, 32, 11, 10, [3, 3], [2, 2], [1, 1, 1, 1]),
+    (3, 32, 16, 7, 7, [1, 1], [1, 1], [0, 0, 0, 0]),  # bottleneck 1x1
+    (2, 16, 32, 9, 9, [1, 1], [2, 2], [0, 0, 0, 0]),  # downsample shortcut
+    (1, 5, 7, 8, 6, [3, 2], [2, 1], [0, 1, 1, 0]),  # rectangular kernel and stride, uneven padding
+    (2, 24, 20, 5, 5, [5, 5], [1, 1], [2, 2, 2, 2]),
+]
+
+
+@pytest.mark.parametrize("n,cin,cout,h,w,k,strides,pads", CASES)
+def test_values_and_gradients_equal_paddles_convolution(conv, n, cin, cout, h, w, k, strides, pads):
+    rng = np.random.default_rng(cin * 31 + cout + h)
+    xn = rng.standard_normal([n, cin, h, w]).astype(np.float32)
+    wn = rng.standard_normal([cout, cin, *k]).astype(np.float32)
+    oh = (h + pads[0] + pads[1] - k[0]) // strides[0] + 1
+    ow = (w + pads[2] + pads[3] - k[1]) // strides[1] + 1
+    gn = rng.standard_normal([n, cout, oh, ow]).astype(np.float32)
+    # Paddle's four-number padding is [top, bottom, left, right], the operator's order
+    ref = _grads(lambda x, wt: F.conv2d(x, wt, stride=strides, padding=pads), xn, wn, gn)
+    ours = _grads(lambda x, wt: conv(x, wt, strides, pads), xn, wn, gn)
+    for name, a, b in zip(("output", "input gradient", "weight gradient"), ref, ours):
+        assert a.shape == b.shape, name
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-4 * max(1.0, np.abs(a).max()), err_msg=name)
+    # a second call with the same shape reuses the cached primitives and gives the same floats
+    again = _grads(lambda x, wt: conv(x, wt, strides, pads), xn, wn, gn)
+    for a, b in zip(ours, again):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_layer_takes_the_operator_only_for_its_case():
+    def pads(*args, **kw):
+        return Conv2D(*args, **kw)._pads
+
+    assert pads(4, 8, 3, padding=1, bias_attr=False) == [1, 1, 1, 1]
+    assert pads(4, 8, 3, padding=[1, 2], bias_attr=False) == [1, 1, 2, 2]
+    assert pads(4, 8, 3, padding=[0, 1, 2, 3], bias_attr=False) == [0, 1, 2, 3]
+    assert pads(4, 8, 3, padding=[[0, 0], [0, 0], [1, 0], [0, 1]], bias_attr=False) == [1, 0, 0, 1]
+    assert pads(4, 8, 3, padding=1) is None  # a bias: the operator adds none
+    assert pads(4, 8, 3, padding="SAME", bias_attr=False) is None
+    assert pads(4, 8, 3, dilation=2, bias_attr=False) is None
+    assert pads(4, 8, 3, groups=2, bias_attr=False) is None
+    assert pads(4, 8, 3, padding=1, padding_mode="reflect", bias_attr=False) is None
+    assert pads(4, 8, 3, data_format="NHWC", bias_attr=False) is None
+    depthwise = Conv2D(8, 8, 3, padding=1, groups=8, bias_attr=False)
+    assert depthwise._depthwise and depthwise._pads is None
+
+
+def test_a_resnet_step_matches_float64_and_every_dense_convolution_takes_the_operator(conv, tmp_path):
+    """ResNet18 in train mode, one step on ppcls_ft's kernels: the logits within 1e-4 of the
+    largest and every parameter gradient within 1e-4 of the largest, against the same step in
+    float64 (Paddle's kernels). The float64 step is the reference, not Paddle's float32 one:
+    measured here, Paddle's float32 gradients are the ones that stray (1e-2 of the largest at the
+    stem, where oneDNN's are within 5e-6), and train-mode batch norm over 4 images amplifies
+    any summation order's last bits."""
+    paddle.seed(0)
+    model = build_model({"name": "ResNet18", "class_num": 4}, load_weights=False)
+    model.train()
+    xn = np.random.default_rng(1).standard_normal([4, 3, 48, 48])
+    y = paddle.to_tensor(np.arange(4))
+    calls = []
+
+    def counting(*args):
+        calls.append(args[2:])
+        return conv(*args)
+
+    def step(dtype):
+        logits = model(paddle.to_tensor(xn.astype(dtype)))
+        F.cross_entropy(logits, y).backward()
+        grads = {k: p.grad.numpy().astype(np.float64) for k, p in model.named_parameters()
+                 if p.grad is not None}
+        model.clear_gradients()
+        return logits.numpy().astype(np.float64), grads
+
+    saved = kernels._STATE["ops"]
+    kernels._STATE["ops"] = type(saved)(**{**vars(saved), "conv2d": counting})
+    try:
+        logits, ours = step("float32")
+    finally:
+        kernels._STATE["ops"] = saved
+    dense = [m for m in model.sublayers() if isinstance(m, paddle.nn.Conv2D) and m._groups == 1]
+    assert len(calls) == len(dense) == 21  # ResNet18: stem, 16 in the blocks, 4 shortcuts (as PaddleClas)
+    model.to(dtype="float64")  # same weights (no optimizer step); train-mode batch norm uses batch statistics
+    ref_logits, ref = step("float64")
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-4 * np.abs(ref_logits).max())
+    assert ref.keys() == ours.keys()
+    scale = max(np.abs(g).max() for g in ref.values())
+    for key in ref:
+        assert np.abs(ours[key] - ref[key]).max() <= 1e-4 * scale, key
+    model.to(dtype="float32")
+
+    from ppcls_ft.engine.export import export_dygraph
+    out = export_dygraph(model, tmp_path, [3, 32, 32], [{"ToCHWImage": None}], export_onnx=False)
+    graph = (out / "inference.json").read_text()
+    assert "ppcls_conv2d" not in graph and "conv2d" in graph  # a static graph is Paddle's
+
+
+def _headers_copy(tmp_path):
+    include = tmp_path / "include"
+    shutil.copytree(onednn_headers.find() / "oneapi", include / "oneapi")
+    return include
+
+
+def test_the_staged_headers_state_the_runtimes_of_paddles_library(conv, tmp_path):
+    flags = onednn_headers.stage(tmp_path / "build", LIBDNNL)
+    assert flags == [f"-I{tmp_path / 'build' / 'include'}"]
+    config = (tmp_path / "build" / "include" / "oneapi" / "dnnl" / "dnnl_config.h").read_text()
+    *_, cpu, gpu = onednn_headers.library_version(LIBDNNL)
+    assert (cpu, gpu) == (2, 0)  # Paddle 3.3's CPU wheel: the OpenMP build, no GPU runtime
+    assert "#define DNNL_CPU_THREADING_RUNTIME DNNL_RUNTIME_OMP" in config
+    assert "#define DNNL_CPU_RUNTIME DNNL_RUNTIME_OMP" in config
+    assert "#define DNNL_GPU_RUNTIME DNNL_RUNTIME_NONE" in config
+    assert "#define DNNL_WITH_SYCL" not in config and "DNNL_RUNTIME_TBB\n" not in config.split("*/")[-1]
+
+
+def test_headers_of_another_release_are_refused_by_name(conv, tmp_path, monkeypatch):
+    include = _headers_copy(tmp_path)
+    version = include / "oneapi" / "dnnl" / "dnnl_version.h"
+    version.write_text(version.read_text().replace("#define DNNL_VERSION_MINOR 6", "#define DNNL_VERSION_MINOR 2"))
+    monkeypatch.setenv("PPCLS_FT_ONEDNN_INCLUDE", str(include))
+    with pytest.raises(RuntimeError, match=r"release 3\.2\.\d+, Paddle's library is 3\.6\.\d+.*onednn-devel"):
+        onednn_headers.fingerprint(LIBDNNL)
+
+
+def test_without_the_headers_the_other_kernels_stay_and_convolution_is_paddles(conv, tmp_path,
+                                                                              monkeypatch, caplog):
+    monkeypatch.setenv("PPCLS_FT_ONEDNN_INCLUDE", str(tmp_path / "empty"))
+    monkeypatch.setattr(kernels, "_STATE", {"tried": False, "ops": None, "errors": {}})
+    with caplog.at_level(logging.WARNING, logger="ppcls_ft"):
+        built = kernels.ops()
+    assert built.conv2d is None and built.dwconv is not None and built.batch_norm is not None
+    assert "ppcls_ft_onednn_conv unavailable" in caplog.text
+    assert "pip install --no-deps onednn-devel==2025.0.1" in caplog.text
+    assert "stock ppcls_ft_onednn_conv" in kernels.status() and "depthwise conv" in kernels.status()
+    layer = Conv2D(3, 4, 3, padding=1, bias_attr=False)
+    x = paddle.to_tensor(np.random.default_rng(3).standard_normal([1, 3, 6, 6]).astype(np.float32))
+    np.testing.assert_array_equal(layer(x).numpy(), F.conv2d(x, layer.weight, padding=1).numpy())
+
+
+def test_a_failed_core_build_leaves_the_onednn_convolution(conv, monkeypatch):
+    real = kernels._build
+
+    def core_fails(lib):
+        if lib is kernels.CORE:
+            raise RuntimeError("cc1plus: internal compiler error")
+        return real(lib)
+
+    monkeypatch.setattr(kernels, "_build", core_fails)
+    monkeypatch.setattr(kernels, "_STATE", {"tried": False, "ops": None, "errors": {}})
+    built = kernels.ops()
+    assert built.dwconv is None and built.conv2d is not None
+    assert "internal compiler error" in kernels._STATE["errors"]["ppcls_ft_cpu_kernels"]
