@@ -82,10 +82,10 @@ DEFAULT_MODELS = ("ResNet50:8", "SwinTransformer_tiny_patch4_window7_224:8", "Mo
 PADDLE_VERSION = "3.3.1"  # what PaddleClas's venv gets: the version ppcls_ft is developed on
 FT, PC = "ppcls_ft", "PaddleClas"
 # ppcls_ft with Paddle's own kernels everywhere (PPCLS_FT_KERNELS=stock): what its CPU kernels
-# (ppcls_ft/kernels: depthwise convolution; LayerNorm and GELU) add, measured in the same run;
-# only for the families that use them.
+# (ppcls_ft/kernels: dense and depthwise convolution, batch norm, hardswish; LayerNorm and GELU)
+# add, measured in the same run; only for the families that use them.
 FT_STOCK = "ppcls_ft, stock kernels"
-KERNEL_FAMILIES = ("MobileNet", "PPLCNet", "SwinTransformer")
+KERNEL_FAMILIES = ("ResNet", "MobileNet", "PPLCNet", "SwinTransformer")
 # ppcls_ft on MKL's AVX2 path (PPCLS_FT_MKL=avx2) where it otherwise takes MKL's AVX-512 path (on an
 # AMD CPU through ppcls_ft/_cpu.py's shim): what that adds, for the families without such kernels.
 FT_AVX2 = "ppcls_ft, MKL AVX2 path"

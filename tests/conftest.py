@@ -8,6 +8,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def assert_mkl_took_avx2(mkl_version, debug_type):
+    """The premise of a comparison on MKL's AVX2 path (PPCLS_FT_MKL=avx2): MKL really took it.
+    On Intel MKL's version string names it "AVX2"; on AMD it names the forced path only "Intel(R)
+    Architecture processors", so there the setting (MKL_DEBUG_CPU_TYPE=5) and the absence of
+    "AVX-512" say it."""
+    from ppcls_ft import _cpu
+
+    if _cpu.cpu_vendor() == "AMD":
+        assert debug_type == "5" and "AVX-512" not in mkl_version, (debug_type, mkl_version)
+    else:
+        assert "AVX2" in mkl_version, mkl_version
+
+
 def shared_dir():
     return Path(os.environ.get("PPCLS_FT_SHARED", REPO.parent / "shared")).resolve()
 

@@ -71,14 +71,15 @@ def test_train_speed_environments_and_comparison_runs(monkeypatch):
     assert bench.child_env(bench.FT_AVX2)["PPCLS_FT_MKL"] == "avx2"
     assert bench.child_env(bench.FT_STOCK)["PPCLS_FT_KERNELS"] == "stock"
     monkeypatch.setitem(bench._cpu.STATE, "route", "shim")
-    assert bench.comparison_run("ResNet50") == bench.FT_AVX2
+    assert bench.comparison_run("DeiT_tiny_patch16_224") == bench.FT_AVX2  # a family without kernels
+    assert bench.comparison_run("ResNet50") == bench.FT_STOCK
     assert bench.comparison_run("MobileNetV2") == bench.FT_STOCK
     assert bench.comparison_run("SwinTransformer_tiny_patch4_window7_224") == bench.FT_STOCK
     monkeypatch.setitem(bench._cpu.STATE, "route", "avx2")
-    assert bench.comparison_run("ResNet50") is None
+    assert bench.comparison_run("DeiT_tiny_patch16_224") is None
     monkeypatch.setitem(bench._cpu.STATE, "route", "native")  # Intel: MKL's own choice
     monkeypatch.setattr(bench._cpu, "has_avx512", lambda: True)
-    assert bench.comparison_run("ResNet50") == bench.FT_AVX2
+    assert bench.comparison_run("DeiT_tiny_patch16_224") == bench.FT_AVX2
     monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")  # as this process's ppcls_ft sets it
     monkeypatch.setitem(bench._cpu.STATE, "route", "avx2")
     assert "MKL_ENABLE_INSTRUCTIONS" not in bench.child_env(bench.PC)

@@ -8,7 +8,8 @@ import numpy as np
 import paddle
 import pytest
 
-from ppcls_ft import _cpu, kernels
+from conftest import assert_mkl_took_avx2
+from ppcls_ft import kernels
 from ppcls_ft.models import build_model
 from ppcls_ft.models.layers import Conv2D
 
@@ -102,12 +103,7 @@ def test_models_train_alike_with_either_kernel(op, name):
                           text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    # the premise: MKL really took its AVX2 path. On AMD, MKL names the forced path only as
-    # "Intel(R) Architecture processors"; there the setting and the absence of AVX-512 say it.
-    if _cpu.cpu_vendor() == "AMD":
-        assert res["debug_type"] == "5" and "AVX-512" not in res["mkl"], res
-    else:
-        assert "AVX2" in res["mkl"], res["mkl"]
+    assert_mkl_took_avx2(res["mkl"], res["debug_type"])
     assert res["fast"], "no depthwise layer took the fast path"
     assert res["logits"] <= 1e-4 * max(1.0, res["logits_scale"])
     assert res["same_keys"]
