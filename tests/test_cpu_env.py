@@ -21,7 +21,6 @@ AMD_AVX512 = (_cpu.cpu_vendor() == "AMD" and _cpu.has_avx512()
 PROBE = """
 import json, os, sys
 import ppcls_ft
-from conftest import assert_mkl_took_avx2
 from ppcls_ft import _cpu
 import numpy as np, paddle
 paddle.base.core.set_num_threads(1)
@@ -105,7 +104,6 @@ def test_an_intel_users_own_instruction_cap_is_left_alone(tmp_path):
 FAULTS = """
 import resource, sys
 import ppcls_ft
-from conftest import assert_mkl_took_avx2
 from ppcls_ft import _cpu
 import paddle
 print(_cpu.keep_freed_memory() if sys.argv[1] == "keep" else "not applied")

@@ -105,8 +105,10 @@ def _wrap_onednn(library):
     load_op_meta_info_and_register_op(str(library))
 
     def conv2d(x, weight, strides, paddings):
-        """Dense convolution, no bias: ``strides`` [sh, sw], ``paddings`` [top, bottom, left, right]."""
-        return _C_ops._run_custom_op("ppcls_conv2d", x, weight, list(strides), list(paddings))[0]
+        """Dense convolution, no bias: ``strides`` [sh, sw], ``paddings`` [top, bottom, left,
+        right]. The backward computes only the gradients of inputs that take one."""
+        return _C_ops._run_custom_op("ppcls_conv2d", x, weight, list(strides), list(paddings),
+                                     not x.stop_gradient, not weight.stop_gradient)[0]
 
     return dict(conv2d=conv2d)
 
@@ -138,8 +140,11 @@ LIBRARIES = (CORE, ONEDNN)
 def build_dir(lib, extra=""):
     import paddle
 
+    # ldflags: the rpath names this environment's Paddle, so a shared PPCLS_FT_KERNEL_DIR keeps
+    # one build per environment
     digest = hashlib.sha256(b"".join(src.read_bytes() for src in lib.sources)
-                            + " ".join(lib.cflags).encode() + extra.encode()).hexdigest()[:12]
+                            + " ".join(lib.cflags + lib.ldflags()).encode()
+                            + extra.encode()).hexdigest()[:12]
     return kernel_cache_root() / f"{lib.name}-paddle{paddle.__version__}-{digest}-cpu{_cpu_key()}"
 
 

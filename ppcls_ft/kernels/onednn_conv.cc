@@ -19,6 +19,12 @@
 #include "oneapi/dnnl/dnnl.hpp"
 #include "paddle/extension.h"
 
+// onednn_headers.py stages the headers with a dnnl_config.h that states the runtimes of Paddle's
+// library and defines this; the unpatched one (SYCL/TBB) must never be the one compiled in.
+#ifndef PPCLS_FT_STAGED_DNNL_CONFIG
+#error "built without the dnnl_config.h staged by ppcls_ft/kernels/onednn_headers.py"
+#endif
+
 namespace {
 
 using dnnl::memory;
@@ -43,6 +49,9 @@ Shape shape_of(const std::vector<int64_t>& x, const std::vector<int64_t>& w,
            "ppcls_conv2d: x must be NCHW and weight [O, C, kh, kw] with C = x's channels");
   PD_CHECK(strides.size() == 2 && paddings.size() == 4,
            "ppcls_conv2d: strides [sh, sw] and paddings [top, bottom, left, right]");
+  PD_CHECK(strides[0] > 0 && strides[1] > 0, "ppcls_conv2d: strides must be positive");
+  PD_CHECK(paddings[0] >= 0 && paddings[1] >= 0 && paddings[2] >= 0 && paddings[3] >= 0,
+           "ppcls_conv2d: paddings must be >= 0");
   Shape s;
   s.x = {x[0], x[1], x[2], x[3]};
   s.w = {w[0], w[1], w[2], w[3]};
@@ -69,36 +78,49 @@ struct Plan {
 };
 
 std::mutex plans_mutex;
-std::map<Shape, std::unique_ptr<Plan>> plans;
+// shared_ptr: a caller keeps its plan while another thread may clear the cache.
+std::map<Shape, std::shared_ptr<Plan>> plans;
+// Every new input size (an evaluation at another resolution, a last smaller batch) adds plans;
+// past this many the cache starts over (oneDNN keeps its own cache of compiled kernels).
+constexpr size_t kMaxPlans = 256;
 
 memory::desc any_desc(const memory::dims& dims) {
   return memory::desc(dims, memory::data_type::f32, Tag::any);
 }
 
-Plan& plan_for(const Shape& s, bool backward) {
+std::shared_ptr<Plan> plan_for(const Shape& s, bool backward) {
   std::lock_guard<std::mutex> guard(plans_mutex);
-  auto& slot = plans[s];
+  auto found = plans.find(s);
   auto& eng = cpu_engine();
-  if (!slot) {
-    slot.reset(new Plan);
+  if (found == plans.end()) {
+    // Built whole before it enters the cache: a primitive that fails to build (dnnl::error)
+    // leaves no half-made plan behind for the next call to trip on.
+    auto plan = std::make_shared<Plan>();
     // forward_training: the backward primitives take this descriptor as their hint.
-    slot->fwd_pd = dnnl::convolution_forward::primitive_desc(
+    plan->fwd_pd = dnnl::convolution_forward::primitive_desc(
         eng, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
         any_desc(s.x), any_desc(s.w), any_desc(s.out), s.strides, s.dilates, s.pad_l, s.pad_r);
-    slot->fwd = dnnl::convolution_forward(slot->fwd_pd);
+    plan->fwd = dnnl::convolution_forward(plan->fwd_pd);
+    if (plans.size() >= kMaxPlans) plans.clear();
+    found = plans.emplace(s, std::move(plan)).first;
   }
-  if (backward && !slot->has_backward) {
-    slot->bwd_data_pd = dnnl::convolution_backward_data::primitive_desc(
+  Plan& plan = *found->second;
+  if (backward && !plan.has_backward) {
+    auto data_pd = dnnl::convolution_backward_data::primitive_desc(
         eng, dnnl::algorithm::convolution_direct, any_desc(s.x), any_desc(s.w), any_desc(s.out),
-        s.strides, s.dilates, s.pad_l, s.pad_r, slot->fwd_pd);
-    slot->bwd_data = dnnl::convolution_backward_data(slot->bwd_data_pd);
-    slot->bwd_weights_pd = dnnl::convolution_backward_weights::primitive_desc(
+        s.strides, s.dilates, s.pad_l, s.pad_r, plan.fwd_pd);
+    auto weights_pd = dnnl::convolution_backward_weights::primitive_desc(
         eng, dnnl::algorithm::convolution_direct, any_desc(s.x), any_desc(s.w), any_desc(s.out),
-        s.strides, s.dilates, s.pad_l, s.pad_r, slot->fwd_pd);
-    slot->bwd_weights = dnnl::convolution_backward_weights(slot->bwd_weights_pd);
-    slot->has_backward = true;
+        s.strides, s.dilates, s.pad_l, s.pad_r, plan.fwd_pd);
+    dnnl::convolution_backward_data bwd_data(data_pd);
+    dnnl::convolution_backward_weights bwd_weights(weights_pd);
+    plan.bwd_data_pd = data_pd;
+    plan.bwd_data = bwd_data;
+    plan.bwd_weights_pd = weights_pd;
+    plan.bwd_weights = bwd_weights;
+    plan.has_backward = true;
   }
-  return *slot;
+  return found->second;
 }
 
 // A Paddle buffer in the layout a primitive wants: the buffer itself when the layouts agree, else
@@ -137,12 +159,17 @@ void check_inputs(const paddle::Tensor& x, const paddle::Tensor& weight) {
   PD_CHECK(x.numel() > 0, "ppcls_conv2d: empty input");
 }
 
+// need_dx / need_dw: whether the input and the weight take gradients (the Python side knows from
+// stop_gradient; Paddle asks a custom operator's backward for every gradient and drops the ones
+// nobody needs, so without them the images' gradient at the stem and a frozen layer's weight
+// gradient would be computed every step for nothing).
 std::vector<paddle::Tensor> ConvForward(const paddle::Tensor& x, const paddle::Tensor& weight,
                                         const std::vector<int>& strides,
-                                        const std::vector<int>& paddings) {
+                                        const std::vector<int>& paddings, bool, bool) {
   check_inputs(x, weight);
   Shape s = shape_of(x.shape(), weight.shape(), strides, paddings);
-  Plan& plan = plan_for(s, false);
+  auto held = plan_for(s, false);
+  Plan& plan = *held;
   auto out = paddle::empty(s.out, paddle::DataType::FLOAT32, paddle::CPUPlace());
   dnnl::stream stream(cpu_engine());
   memory src = as_input(x.data<float>(), s.x, Tag::nchw, plan.fwd_pd.src_desc(), stream);
@@ -155,34 +182,48 @@ std::vector<paddle::Tensor> ConvForward(const paddle::Tensor& x, const paddle::T
 }
 
 std::vector<paddle::Tensor> ConvBackward(const paddle::Tensor& x, const paddle::Tensor& weight,
-                                         const paddle::Tensor& grad_out,
+                                         const paddle::Tensor& grad_out_any,
                                          const std::vector<int>& strides,
-                                         const std::vector<int>& paddings) {
+                                         const std::vector<int>& paddings, bool need_dx,
+                                         bool need_dw) {
   check_inputs(x, weight);
   Shape s = shape_of(x.shape(), weight.shape(), strides, paddings);
-  PD_CHECK(grad_out.shape() == std::vector<int64_t>(s.out.begin(), s.out.end()),
+  PD_CHECK(grad_out_any.shape() == std::vector<int64_t>(s.out.begin(), s.out.end()),
            "ppcls_conv2d: the output gradient's shape differs from the output's");
-  Plan& plan = plan_for(s, true);
+  // the buffers below are read as dense NCHW
+  const paddle::Tensor grad_out =
+      grad_out_any.is_contiguous() ? grad_out_any : grad_out_any.contiguous();
+  auto held = plan_for(s, true);
+  Plan& plan = *held;
+  // a gradient nobody needs is left unwritten: Paddle drops it
   auto grad_x = paddle::empty(s.x, paddle::DataType::FLOAT32, paddle::CPUPlace());
   auto grad_w = paddle::empty(s.w, paddle::DataType::FLOAT32, paddle::CPUPlace());
   dnnl::stream stream(cpu_engine());
   // The two primitives may want the output gradient in different layouts; reorder once per layout.
-  memory dy_data = as_input(grad_out.data<float>(), s.out, Tag::nchw,
-                            plan.bwd_data_pd.diff_dst_desc(), stream);
-  memory dy_weights = plan.bwd_weights_pd.diff_dst_desc() == dy_data.get_desc()
-                          ? dy_data
-                          : as_input(grad_out.data<float>(), s.out, Tag::nchw,
-                                     plan.bwd_weights_pd.diff_dst_desc(), stream);
-  memory wts = as_input(weight.data<float>(), s.w, Tag::oihw, plan.bwd_data_pd.weights_desc(), stream);
-  memory dx = as_output(grad_x.data<float>(), s.x, Tag::nchw, plan.bwd_data_pd.diff_src_desc());
-  plan.bwd_data.execute(stream,
-                        {{DNNL_ARG_DIFF_DST, dy_data}, {DNNL_ARG_WEIGHTS, wts}, {DNNL_ARG_DIFF_SRC, dx}});
-  finish_output(dx, grad_x.data<float>(), s.x, Tag::nchw, stream);
-  memory src = as_input(x.data<float>(), s.x, Tag::nchw, plan.bwd_weights_pd.src_desc(), stream);
-  memory dw = as_output(grad_w.data<float>(), s.w, Tag::oihw, plan.bwd_weights_pd.diff_weights_desc());
-  plan.bwd_weights.execute(stream,
-                           {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, dy_weights}, {DNNL_ARG_DIFF_WEIGHTS, dw}});
-  finish_output(dw, grad_w.data<float>(), s.w, Tag::oihw, stream);
+  // The two primitives may want the output gradient in different layouts; reorder once per layout.
+  memory dy_data;
+  if (need_dx) {
+    dy_data = as_input(grad_out.data<float>(), s.out, Tag::nchw, plan.bwd_data_pd.diff_dst_desc(),
+                       stream);
+    memory wts = as_input(weight.data<float>(), s.w, Tag::oihw, plan.bwd_data_pd.weights_desc(),
+                          stream);
+    memory dx = as_output(grad_x.data<float>(), s.x, Tag::nchw, plan.bwd_data_pd.diff_src_desc());
+    plan.bwd_data.execute(stream,
+                          {{DNNL_ARG_DIFF_DST, dy_data}, {DNNL_ARG_WEIGHTS, wts}, {DNNL_ARG_DIFF_SRC, dx}});
+    finish_output(dx, grad_x.data<float>(), s.x, Tag::nchw, stream);
+  }
+  if (need_dw) {
+    memory dy_weights = need_dx && plan.bwd_weights_pd.diff_dst_desc() == dy_data.get_desc()
+                            ? dy_data
+                            : as_input(grad_out.data<float>(), s.out, Tag::nchw,
+                                       plan.bwd_weights_pd.diff_dst_desc(), stream);
+    memory src = as_input(x.data<float>(), s.x, Tag::nchw, plan.bwd_weights_pd.src_desc(), stream);
+    memory dw = as_output(grad_w.data<float>(), s.w, Tag::oihw,
+                          plan.bwd_weights_pd.diff_weights_desc());
+    plan.bwd_weights.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, dy_weights},
+                                      {DNNL_ARG_DIFF_WEIGHTS, dw}});
+    finish_output(dw, grad_w.data<float>(), s.w, Tag::oihw, stream);
+  }
   stream.wait();
   return {grad_x, grad_w};
 }
@@ -190,7 +231,7 @@ std::vector<paddle::Tensor> ConvBackward(const paddle::Tensor& x, const paddle::
 std::vector<std::vector<int64_t>> ConvForwardShape(const std::vector<int64_t>& x,
                                                    const std::vector<int64_t>& w,
                                                    const std::vector<int>& strides,
-                                                   const std::vector<int>& paddings) {
+                                                   const std::vector<int>& paddings, bool, bool) {
   Shape s = shape_of(x, w, strides, paddings);
   return {std::vector<int64_t>(s.out.begin(), s.out.end())};
 }
@@ -204,7 +245,8 @@ std::vector<paddle::DataType> ConvForwardDtype(const paddle::DataType& x, const 
 PD_BUILD_OP(ppcls_conv2d)
     .Inputs({"X", "W"})
     .Outputs({"Out"})
-    .Attrs({"strides: std::vector<int>", "paddings: std::vector<int>"})
+    .Attrs({"strides: std::vector<int>", "paddings: std::vector<int>", "need_dx: bool",
+            "need_dw: bool"})
     .SetKernelFn(PD_KERNEL(ConvForward))
     .SetInferShapeFn(PD_INFER_SHAPE(ConvForwardShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(ConvForwardDtype));
@@ -212,5 +254,6 @@ PD_BUILD_OP(ppcls_conv2d)
 PD_BUILD_GRAD_OP(ppcls_conv2d)
     .Inputs({"X", "W", paddle::Grad("Out")})
     .Outputs({paddle::Grad("X"), paddle::Grad("W")})
-    .Attrs({"strides: std::vector<int>", "paddings: std::vector<int>"})
+    .Attrs({"strides: std::vector<int>", "paddings: std::vector<int>", "need_dx: bool",
+            "need_dw: bool"})
     .SetKernelFn(PD_KERNEL(ConvBackward));

@@ -11,6 +11,7 @@ interop code. Within one major.minor release oneDNN keeps its ABI, so the header
 match the library's in major and minor.
 """
 import ctypes
+import hashlib
 import os
 import re
 import shutil
@@ -76,7 +77,14 @@ def fingerprint(library):
                            f"release {major}.{minor} ({INSTALL_HINT} matches Paddle 3.3)")
     if cpu not in _RUNTIMES or gpu not in _RUNTIMES:
         raise RuntimeError(f"{library} reports unknown runtimes (cpu {cpu}, gpu {gpu})")
-    return f"headers {headers} library {(major, minor, patch)} runtimes {cpu} {gpu}"
+    # every header byte and this file's staging: a same-release header set built differently,
+    # or a change here, must not reuse an old build
+    content = hashlib.sha256(Path(__file__).read_bytes())
+    for path in sorted((include / "oneapi").rglob("*")):
+        if path.is_file():
+            content.update(str(path.relative_to(include)).encode() + path.read_bytes())
+    return (f"headers {headers} {content.hexdigest()[:16]} library {(major, minor, patch)} "
+            f"runtimes {cpu} {gpu}")
 
 
 def stage(out_dir, library):
@@ -96,5 +104,13 @@ def stage(out_dir, library):
         if count != 1:
             raise RuntimeError(f"{config}: expected one '#define {macro}', found {count}")
     text = re.sub(r"^#define DNNL_WITH_SYCL\b.*$", "", text, flags=re.M)
+    text, count = re.subn(r"^#define ONEAPI_DNNL_DNNL_CONFIG_H$",
+                          "#define ONEAPI_DNNL_DNNL_CONFIG_H\n#define PPCLS_FT_STAGED_DNNL_CONFIG 1",
+                          text, flags=re.M)
+    if count != 1:
+        raise RuntimeError(f"{config}: expected its include guard ONEAPI_DNNL_DNNL_CONFIG_H")
     config.write_text(text)
-    return [f"-I{target}"]
+    # -iquote: searched before every -I directory for the headers' quoted includes, and
+    # cpp_extension puts this environment's include/ (the unstaged copy) among its -I ones;
+    # onednn_conv.cc stops the build unless the staged dnnl_config.h is the one it got
+    return [f"-iquote{target}"]

@@ -74,16 +74,26 @@ class Conv2D(nn.Conv2D):
                            and len(set(st)) == 1 and self._kernel_size[0] == self._kernel_size[1])
         self._pads = _explicit_padding(pad) if plain and groups == 1 else None
 
-    def forward(self, x):
+    @paddle.jit.not_to_static  # dygraph only: under paddle.jit it returns None untransformed
+    def _kernel(self, x):
+        """The compiled operator this call may take, bound to its arguments, or None."""
         if self._depthwise:
             dwconv = _cpu_op(x, "dwconv")
             if dwconv is not None:
-                return dwconv(x, self.weight, int(self._stride[0]), int(self._padding))
+                return lambda: dwconv(x, self.weight, int(self._stride[0]), int(self._padding))
         elif self._pads is not None:
             conv2d = _cpu_op(x, "conv2d")
             if conv2d is not None:
-                return conv2d(x, self.weight, [int(s) for s in self._stride], self._pads)
-        return super().forward(x)
+                return lambda: conv2d(x, self.weight, [int(s) for s in self._stride], self._pads)
+        return None
+
+    def forward(self, x):
+        # no name bound in a branch here: paddle.jit turns this method into a graph, and a
+        # variable set in one branch only made it warn ("maybe unbound local variable") per layer
+        run = self._kernel(x)
+        if run is None:
+            return super().forward(x)
+        return run()
 
 
 def _dygraph_cpu_float32(*tensors):
@@ -95,8 +105,10 @@ def _dygraph_cpu_float32(*tensors):
 
 def _cpu_op(x, name):
     """ppcls_ft's compiled CPU operator ``name`` (``kernels.OPS``) when ``x`` may use it
-    (``_dygraph_cpu_float32`` and its library built), else None."""
-    if _dygraph_cpu_float32(x):
+    (``_dygraph_cpu_float32``, not empty, and its library built), else None. Asked in that order:
+    under ``paddle.jit`` the first is False and the rest is never evaluated (a batch dimension of
+    a static graph is a tensor, and a condition on it would put a cond op in the export)."""
+    if _dygraph_cpu_float32(x) and x.size > 0:
         from ..kernels import op
         return op(name)
     return None
