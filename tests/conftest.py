@@ -21,6 +21,17 @@ def assert_mkl_took_avx2(mkl_version, debug_type):
         assert "AVX2" in mkl_version, mkl_version
 
 
+def output_and_grads(fn, arrays, grad_out):
+    """``fn`` applied to tensors made from ``arrays``, backpropagated from ``grad_out``: the
+    output and each input's gradient, as numpy arrays (the kernel tests compare two of these)."""
+    import paddle
+
+    tensors = [paddle.to_tensor(a, stop_gradient=False) for a in arrays]
+    y = fn(*tensors)
+    y.backward(paddle.to_tensor(grad_out))
+    return [y.numpy()] + [t.grad.numpy() for t in tensors]
+
+
 def shared_dir():
     return Path(os.environ.get("PPCLS_FT_SHARED", REPO.parent / "shared")).resolve()
 

@@ -8,7 +8,7 @@ import numpy as np
 import paddle
 import pytest
 
-from conftest import assert_mkl_took_avx2
+from conftest import assert_mkl_took_avx2, output_and_grads
 from ppcls_ft import kernels
 from ppcls_ft.models import build_model
 from ppcls_ft.models.layers import Conv2D
@@ -21,14 +21,6 @@ def op(cpu_kernels):
     return cpu_kernels.dwconv
 
 
-def _run(fn, xn, wn, gn):
-    x = paddle.to_tensor(xn, stop_gradient=False)
-    w = paddle.to_tensor(wn, stop_gradient=False)
-    y = fn(x, w)
-    y.backward(paddle.to_tensor(gn))
-    return y.numpy(), x.grad.numpy(), w.grad.numpy()
-
-
 @pytest.mark.parametrize("n,c,h,w,k,s", [(2, 3, 7, 7, 3, 1), (2, 4, 8, 8, 3, 2), (3, 5, 9, 11, 5, 2),
                                          (1, 2, 6, 5, 5, 1), (2, 3, 5, 5, 3, 2), (2, 6, 13, 10, 3, 2),
                                          (1, 3, 4, 4, 7, 1), (2, 2, 9, 9, 3, 3)])
@@ -39,8 +31,8 @@ def test_values_and_gradients_equal_paddles_kernel(op, n, c, h, w, k, s):
     wn = rng.standard_normal([c, 1, k, k]).astype(np.float32)
     oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
     gn = rng.standard_normal([n, c, oh, ow]).astype(np.float32)
-    ref = _run(lambda x, wt: F.conv2d(x, wt, stride=s, padding=p, groups=c), xn, wn, gn)
-    ours = _run(lambda x, wt: op(x, wt, s, p), xn, wn, gn)
+    ref = output_and_grads(lambda x, wt: F.conv2d(x, wt, stride=s, padding=p, groups=c), [xn, wn], gn)
+    ours = output_and_grads(lambda x, wt: op(x, wt, s, p), [xn, wn], gn)
     for name, a, b in zip(("output", "input gradient", "weight gradient"), ref, ours):
         assert a.shape == b.shape, name
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-4 * max(1.0, np.abs(a).max()), err_msg=name)

@@ -8,6 +8,7 @@ import numpy as np
 import paddle
 import pytest
 
+from conftest import output_and_grads
 from ppcls_ft import kernels
 from ppcls_ft.models import build_model
 from ppcls_ft.models.layers import GELU, BatchNorm2D, Hardswish, LayerNorm, Linear, add_broadcast
@@ -18,13 +19,6 @@ F = paddle.nn.functional
 @pytest.fixture
 def ops(cpu_kernels):
     return cpu_kernels
-
-
-def _grads(fn, arrays, grad_out):
-    tensors = [paddle.to_tensor(a, stop_gradient=False) for a in arrays]
-    y = fn(*tensors)
-    y.backward(paddle.to_tensor(grad_out))
-    return [y.numpy()] + [t.grad.numpy() for t in tensors]
 
 
 def _close(ours, ref, names):
@@ -40,8 +34,8 @@ def test_layer_norm_equals_paddles(ops, shape):
     x = (rng.standard_normal(shape) * 3 + 2).astype(np.float32)  # an offset: the mean matters
     w, b = (rng.standard_normal(c).astype(np.float32) for _ in range(2))
     g = rng.standard_normal(shape).astype(np.float32)
-    ref = _grads(lambda x, w, b: F.layer_norm(x, c, w, b, 1e-5), [x, w, b], g)
-    ours = _grads(lambda x, w, b: ops.layer_norm(x, w, b, 1e-5), [x, w, b], g)
+    ref = output_and_grads(lambda x, w, b: F.layer_norm(x, c, w, b, 1e-5), [x, w, b], g)
+    ours = output_and_grads(lambda x, w, b: ops.layer_norm(x, w, b, 1e-5), [x, w, b], g)
     _close(ours, ref, ("output", "input gradient", "scale gradient", "shift gradient"))
 
 
@@ -52,8 +46,8 @@ def test_gelu_equals_paddles_exact_gelu(ops, scale):
     x = (rng.standard_normal((3, 8193)) * scale).astype(np.float32)
     x[0, :5] = [0.0, -0.0, 1e-30, -90.0, 90.0]
     g = rng.standard_normal(x.shape).astype(np.float32)
-    ref = _grads(lambda x: F.gelu(x), [x], g)
-    ours = _grads(lambda x: ops.gelu(x), [x], g)
+    ref = output_and_grads(lambda x: F.gelu(x), [x], g)
+    ours = output_and_grads(lambda x: ops.gelu(x), [x], g)
     _close(ours, ref, ("output", "input gradient"))
     assert np.isfinite(ours[0]).all() and np.isfinite(ours[1]).all()
 
@@ -64,8 +58,8 @@ def test_hardswish_equals_paddles_bit_for_bit(ops):
     x = (rng.standard_normal((2, 8195)) * 4).astype(np.float32)
     x[0, :9] = [0.0, -0.0, -3.0, 3.0, 6.0, np.nan, np.inf, -np.inf, 2.9999998]
     g = rng.standard_normal(x.shape).astype(np.float32)
-    ref = _grads(lambda x: F.hardswish(x), [x], g)
-    ours = _grads(lambda x: ops.hardswish(x), [x], g)
+    ref = output_and_grads(lambda x: F.hardswish(x), [x], g)
+    ours = output_and_grads(lambda x: ops.hardswish(x), [x], g)
     for name, a, b in zip(("output", "input gradient"), ref, ours):
         np.testing.assert_array_equal(b, a, err_msg=name)
     hs = Hardswish()
@@ -155,8 +149,8 @@ def test_broadcast_add_has_the_plain_adds_values_and_gradients(x_shape, b_shape)
     rng = np.random.default_rng(len(x_shape))
     xn, bn = rng.standard_normal(x_shape).astype(np.float32), rng.standard_normal(b_shape).astype(np.float32)
     g = rng.standard_normal(x_shape).astype(np.float32)
-    ref = _grads(lambda x, b: x + b, [xn, bn], g)
-    ours = _grads(add_broadcast, [xn, bn], g)
+    ref = output_and_grads(lambda x, b: x + b, [xn, bn], g)
+    ours = output_and_grads(add_broadcast, [xn, bn], g)
     np.testing.assert_array_equal(ours[0], ref[0])  # x + 1 * b: the same floats
     np.testing.assert_array_equal(ours[1], ref[1])
     np.testing.assert_allclose(ours[2], ref[2], rtol=1e-5, atol=1e-5)

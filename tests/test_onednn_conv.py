@@ -8,6 +8,7 @@ import numpy as np
 import paddle
 import pytest
 
+from conftest import output_and_grads
 from ppcls_ft import kernels
 from ppcls_ft.kernels import onednn_headers
 from ppcls_ft.models import build_model
@@ -25,14 +26,6 @@ def conv(cpu_kernels):
         pytest.skip(f"oneDNN's headers are not installed ({exc}): Paddle's convolution serves")
     assert cpu_kernels.conv2d is not None, kernels._STATE["errors"]
     return cpu_kernels.conv2d
-
-
-def _grads(fn, xn, wn, gn):
-    x = paddle.to_tensor(xn, stop_gradient=False)
-    w = paddle.to_tensor(wn, stop_gradient=False)
-    y = fn(x, w)
-    y.backward(paddle.to_tensor(gn))
-    return y.numpy(), x.grad.numpy(), w.grad.numpy()
 
 
 # (n, in, out, h, w, kernel [kh, kw], strides, paddings [top, bottom, left, right])
@@ -56,13 +49,13 @@ def test_values_and_gradients_equal_paddles_convolution(conv, n, cin, cout, h, w
     ow = (w + pads[2] + pads[3] - k[1]) // strides[1] + 1
     gn = rng.standard_normal([n, cout, oh, ow]).astype(np.float32)
     # Paddle's four-number padding is [top, bottom, left, right], the operator's order
-    ref = _grads(lambda x, wt: F.conv2d(x, wt, stride=strides, padding=pads), xn, wn, gn)
-    ours = _grads(lambda x, wt: conv(x, wt, strides, pads), xn, wn, gn)
+    ref = output_and_grads(lambda x, wt: F.conv2d(x, wt, stride=strides, padding=pads), [xn, wn], gn)
+    ours = output_and_grads(lambda x, wt: conv(x, wt, strides, pads), [xn, wn], gn)
     for name, a, b in zip(("output", "input gradient", "weight gradient"), ref, ours):
         assert a.shape == b.shape, name
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-4 * max(1.0, np.abs(a).max()), err_msg=name)
     # a second call with the same shape reuses the cached primitives and gives the same floats
-    again = _grads(lambda x, wt: conv(x, wt, strides, pads), xn, wn, gn)
+    again = output_and_grads(lambda x, wt: conv(x, wt, strides, pads), [xn, wn], gn)
     for a, b in zip(ours, again):
         np.testing.assert_array_equal(a, b)
 
@@ -72,6 +65,8 @@ def test_the_layer_takes_the_operator_only_for_its_case():
         return Conv2D(*args, **kw)._pads
 
     assert pads(4, 8, 3, padding=1, bias_attr=False) == [1, 1, 1, 1]
+    assert pads(4, 8, 1, stride=2, bias_attr=False) == [0, 0, 0, 0]  # a strided shortcut
+    assert pads(4, 8, 1, bias_attr=False) is None  # pointwise: one GEMM in Paddle's, faster
     assert pads(4, 8, 3, padding=[1, 2], bias_attr=False) == [1, 1, 2, 2]
     assert pads(4, 8, 3, padding=[0, 1, 2, 3], bias_attr=False) == [0, 1, 2, 3]
     assert pads(4, 8, 3, padding=[[0, 0], [0, 0], [1, 0], [0, 1]], bias_attr=False) == [1, 0, 0, 1]
@@ -117,8 +112,10 @@ def test_a_resnet_step_matches_float64_and_every_dense_convolution_takes_the_ope
         logits, ours = step("float32")
     finally:
         kernels._STATE["ops"] = saved
-    dense = [m for m in model.sublayers() if isinstance(m, paddle.nn.Conv2D) and m._groups == 1]
-    assert len(calls) == len(dense) == 21  # ResNet18: stem, 16 in the blocks, 4 shortcuts (as PaddleClas)
+    dense = [m for m in model.sublayers() if isinstance(m, paddle.nn.Conv2D) and m._groups == 1
+             and (list(m._kernel_size), list(m._stride)) != ([1, 1], [1, 1])]
+    # ResNet18: stem, 16 in the blocks, 3 strided shortcuts (the 4th, 1x1 stride 1, is Paddle's)
+    assert len(calls) == len(dense) == 20
     model.to(dtype="float64")  # same weights (no optimizer step); train-mode batch norm uses batch statistics
     ref_logits, ref = step("float64")
     np.testing.assert_allclose(logits, ref_logits, atol=1e-4 * np.abs(ref_logits).max())
@@ -175,7 +172,7 @@ def test_only_the_gradients_that_are_needed_are_computed_and_they_are_right(conv
     xn = rng.standard_normal([2, 6, 9, 9]).astype(np.float32)
     wn = rng.standard_normal([4, 6, 3, 3]).astype(np.float32)
     gn = rng.standard_normal([2, 4, 9, 9]).astype(np.float32)
-    _, ref_dx, ref_dw = _grads(lambda x, wt: F.conv2d(x, wt, padding=1), xn, wn, gn)
+    _, ref_dx, ref_dw = output_and_grads(lambda x, wt: F.conv2d(x, wt, padding=1), [xn, wn], gn)
     for x_grad, w_grad in ((False, True), (True, False)):
         x = paddle.to_tensor(xn, stop_gradient=not x_grad)
         w = paddle.to_tensor(wn, stop_gradient=not w_grad)

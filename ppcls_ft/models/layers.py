@@ -59,8 +59,8 @@ class Conv2D(nn.Conv2D):
 
     * the depthwise case (groups == in == out channels, square stride, symmetric padding):
       ``kernels/depthwise_conv.cc``, 2-10x Paddle's on these cores;
-    * the dense case (groups == 1): ``kernels/onednn_conv.cc``, oneDNN's primitives, 1.6-4x
-      Paddle's im2col convolution forward and backward.
+    * the dense case (groups == 1) but for 1x1 with stride 1: ``kernels/onednn_conv.cc``,
+      oneDNN's primitives, 3-4x Paddle's im2col convolution forward and backward.
 
     Anything else, and every static graph (export, ``paddle.jit``), is Paddle's own convolution."""
 
@@ -72,7 +72,12 @@ class Conv2D(nn.Conv2D):
                  and self._padding_mode == "zeros" and set(dil) == {1})
         self._depthwise = (plain and groups == in_channels == out_channels and isinstance(pad, int)
                            and len(set(st)) == 1 and self._kernel_size[0] == self._kernel_size[1])
-        self._pads = _explicit_padding(pad) if plain and groups == 1 else None
+        # 1x1 with stride 1 stays Paddle's: that is one MKL matrix product per image with nothing
+        # to unroll, and oneDNN's layout reorders around it made MobileNetV2 train 15 % and
+        # ResNet50 8 % slower (a step micro-benchmark, 2 cores, AMD EPYC)
+        pointwise = list(self._kernel_size) == [1, 1] and list(st) == [1, 1]
+        self._pads = (_explicit_padding(pad) if plain and groups == 1 and not pointwise
+                      else None)
 
     @paddle.jit.not_to_static  # dygraph only: under paddle.jit it returns None untransformed
     def _kernel(self, x):
