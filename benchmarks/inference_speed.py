@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-try:
-    import ppcls_ft
-except ImportError:
-    sys.path.insert(0, str(REPO))
-    import ppcls_ft  # noqa: E402  (must precede paddle: it sets the MKL fast path on AMD)
+# This checkout's ppcls_ft, not an installed one: what this process measures (exports, forward
+# passes) must be the code its child trainers run (an editable install of another checkout was
+# imported instead, and an edit there mid-run broke an export).
+sys.path.insert(0, str(REPO))
+import ppcls_ft  # noqa: E402  (must precede paddle: it sets the MKL fast path on AMD)
 
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
