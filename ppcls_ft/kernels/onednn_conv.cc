@@ -200,7 +200,6 @@ std::vector<paddle::Tensor> ConvBackward(const paddle::Tensor& x, const paddle::
   auto grad_w = paddle::empty(s.w, paddle::DataType::FLOAT32, paddle::CPUPlace());
   dnnl::stream stream(cpu_engine());
   // The two primitives may want the output gradient in different layouts; reorder once per layout.
-  // The two primitives may want the output gradient in different layouts; reorder once per layout.
   memory dy_data;
   if (need_dx) {
     dy_data = as_input(grad_out.data<float>(), s.out, Tag::nchw, plan.bwd_data_pd.diff_dst_desc(),

@@ -32,24 +32,14 @@ def lr_attr(lr_mult: float = 1.0, no_decay: bool = False, initializer=None) -> P
                      regularizer=L2Decay(0.0) if no_decay else None)
 
 
-def _explicit_padding(padding):
-    """``nn.Conv2D``'s ``padding`` (an int, [ph, pw], [top, bottom, left, right], or the
-    [[0, 0], [0, 0], [t, b], [l, r]] form) as [top, bottom, left, right]; None for anything else
-    ("SAME", "VALID", channels-last pairs), which Paddle's convolution keeps."""
-    if isinstance(padding, int):
-        return [padding] * 4
-    if not isinstance(padding, (list, tuple)):
+def _explicit_padding(conv):
+    """An ``nn.Conv2D``'s padding as [top, bottom, left, right], from the form Paddle normalised
+    it to at construction (``_updated_padding``: [ph, pw] or those four); None for "SAME" and
+    "VALID", which Paddle's convolution keeps."""
+    if conv._padding_algorithm != "EXPLICIT":
         return None
-    flat = list(padding)
-    if len(flat) == 4 and all(isinstance(p, (list, tuple)) for p in flat):
-        if [list(p) for p in flat[:2]] != [[0, 0], [0, 0]]:
-            return None
-        flat = [*flat[2], *flat[3]]
-    if not all(isinstance(p, int) and p >= 0 for p in flat):
-        return None
-    if len(flat) == 2:
-        return [flat[0], flat[0], flat[1], flat[1]]
-    return flat if len(flat) == 4 else None
+    pads = [int(p) for p in conv._updated_padding]
+    return [pads[0], pads[0], pads[1], pads[1]] if len(pads) == 2 else pads
 
 
 class Conv2D(nn.Conv2D):
@@ -76,8 +66,8 @@ class Conv2D(nn.Conv2D):
         # to unroll, and oneDNN's layout reorders around it made MobileNetV2 train 15 % and
         # ResNet50 8 % slower (a step micro-benchmark, 2 cores, AMD EPYC)
         pointwise = list(self._kernel_size) == [1, 1] and list(st) == [1, 1]
-        self._pads = (_explicit_padding(pad) if plain and groups == 1 and not pointwise
-                      else None)
+        self._pads = _explicit_padding(self) if plain and groups == 1 and not pointwise else None
+        self._strides = [int(v) for v in st]  # the operator's attribute, made once
 
     @paddle.jit.not_to_static  # dygraph only: under paddle.jit it returns None untransformed
     def _kernel(self, x):
@@ -89,7 +79,7 @@ class Conv2D(nn.Conv2D):
         elif self._pads is not None:
             conv2d = _cpu_op(x, "conv2d")
             if conv2d is not None:
-                return lambda: conv2d(x, self.weight, [int(s) for s in self._stride], self._pads)
+                return lambda: conv2d(x, self.weight, self._strides, self._pads)
         return None
 
     def forward(self, x):
