@@ -97,6 +97,74 @@ def test_batch_norm_layer_equals_paddles_in_training_and_after(ops, shape):
     np.testing.assert_allclose(ours(x).numpy(), plain(x).numpy(), rtol=1e-5, atol=1e-5)  # eval
 
 
+@pytest.mark.parametrize("act", ["relu", "relu6", "hardswish"])
+def test_batch_norm_with_a_fused_activation_equals_paddles_pair(ops, act):
+    """BatchNorm2D(x, act) on the kernel (activation fused) against nn.BatchNorm2D followed by
+    Paddle's activation: values, gradients and running statistics. The shift puts many outputs
+    on each side of the kinks (0 and 6 for ReLU6, -3 and 3 for hardswish)."""
+    rng = np.random.default_rng(len(act))
+    shape, c = (4, 6, 9, 7), 6
+    plain, ours = paddle.nn.BatchNorm2D(c), BatchNorm2D(c)
+    state = {k: paddle.to_tensor(v.numpy()) for k, v in plain.state_dict().items()}
+    state["weight"] = paddle.to_tensor(rng.uniform(2, 4, c).astype(np.float32))
+    state["bias"] = paddle.to_tensor(rng.uniform(-2, 4, c).astype(np.float32))
+    plain.set_state_dict(state)
+    ours.set_state_dict(state)
+    fn = {"relu": F.relu, "relu6": F.relu6, "hardswish": F.hardswish}[act]
+    x = rng.standard_normal(shape).astype(np.float32)
+    g = rng.standard_normal(shape).astype(np.float32)
+    results = []
+    for forward in (lambda t: fn(plain(t)), lambda t: ours(t, act)):
+        xt = paddle.to_tensor(x, stop_gradient=False)
+        y = forward(xt)
+        y.backward(paddle.to_tensor(g))
+        layer = plain if not results else ours
+        results.append([y.numpy(), xt.grad.numpy(), layer.weight.grad.numpy(), layer.bias.grad.numpy(),
+                        layer._mean.numpy(), layer._variance.numpy()])
+    y_ref = results[0][0]
+    if act == "relu6":
+        assert (y_ref == 0).mean() > 0.05 and (y_ref == 6).mean() > 0.05  # both kinks are crossed
+    else:
+        assert (y_ref == 0).mean() > 0.05
+    _close(results[1], results[0], ("output", "input gradient", "scale gradient", "shift gradient",
+                                    "running mean", "running variance"))
+    ours.eval(), plain.eval()
+    xt = paddle.to_tensor(x)
+    np.testing.assert_allclose(ours(xt, act).numpy(), fn(plain(xt)).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_conv_bn_layers_hand_their_activation_to_the_batch_norm(ops):
+    """ConvBNAct and MobileNetV2's ConvBNLayer call the batch-norm kernel with their activation
+    (one kernel call, no activation operator after it); a bad name is refused."""
+    from ppcls_ft.models.layers import ConvBNAct
+    from ppcls_ft.models.mobilenet_v2 import ConvBNLayer
+    seen = []
+
+    class Spy:
+        def __getattr__(self, name):
+            op = getattr(ops, name)
+            if name != "batch_norm":
+                return op
+            return lambda *args: seen.append(args[4]) or op(*args)
+
+    images = paddle.to_tensor(np.random.default_rng(0).standard_normal([2, 3, 8, 8]).astype(np.float32))
+    saved = dict(kernels._STATE)
+    kernels._STATE.update(tried=True, ops=Spy())
+    try:
+        for act in ("relu", "hardswish", None):
+            ConvBNAct(3, 4, 3, act=act)(images)
+        layer = ConvBNLayer(3, 4, 3)
+        layer(images), layer(images, if_act=False)
+    finally:
+        kernels._STATE.clear()
+        kernels._STATE.update(saved)
+    assert seen == ["relu", "hardswish", "", "relu6", ""]
+    with pytest.raises(ValueError, match="act must be one of"):
+        ConvBNAct(3, 4, 3, act="gelu")
+    with pytest.raises(ValueError, match="act must be one of"):
+        BatchNorm2D(3)(images, "swish")
+
+
 def test_layers_take_the_kernels_only_where_they_may(ops, tmp_path):
     """Dygraph float32 on the CPU: the custom operators; an exact GELU only; a LayerNorm without
     scale, or over two axes, is Paddle's; so is every static graph (an export)."""

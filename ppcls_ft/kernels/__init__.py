@@ -86,9 +86,11 @@ def _wrap_core(library):
     def gelu(x):
         return _C_ops._run_custom_op("ppcls_gelu", x)[0]
 
-    def batch_norm(x, scale, bias, epsilon):
-        """Training-mode batch norm: (out, batch mean, biased batch variance)."""
-        out, mean, _, var = _C_ops._run_custom_op("ppcls_batch_norm", x, scale, bias, float(epsilon))
+    def batch_norm(x, scale, bias, epsilon, activation=""):
+        """Training-mode batch norm, then ``activation`` ("", "relu", "relu6", "hardswish") in the
+        same pass: (out, batch mean, biased batch variance)."""
+        out, mean, _, var = _C_ops._run_custom_op("ppcls_batch_norm", x, scale, bias,
+                                                  float(epsilon), activation)
         return out, mean, var
 
     def hardswish(x):

@@ -12,7 +12,6 @@ PaddleClas's MobileNetV2 has no ``lr_mult_list``; ours takes one multiplier per 
 from typing import Optional
 
 import paddle.nn as nn
-import paddle.nn.functional as F
 
 from ..registry import MODELS
 from .base import ClassifierBase
@@ -24,7 +23,8 @@ _STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
 
 
 class ConvBNLayer(nn.Layer):
-    """``_conv`` (no bias) -> ``_batch_norm`` -> ReLU6 unless ``if_act=False`` is passed."""
+    """``_conv`` (no bias) -> ``_batch_norm`` -> ReLU6 unless ``if_act=False`` is passed (the
+    batch norm applies it, fused into its kernel where it can)."""
 
     def __init__(self, in_c, out_c, kernel_size, stride=1, groups=1, lr_mult=1.0):
         super().__init__()
@@ -35,8 +35,7 @@ class ConvBNLayer(nn.Layer):
                                           bias_attr=lr_attr(lr_mult))
 
     def forward(self, x, if_act=True):
-        x = self._batch_norm(self._conv(x))
-        return F.relu6(x) if if_act else x
+        return self._batch_norm(self._conv(x), "relu6" if if_act else None)
 
 
 class InvertedResidualUnit(nn.Layer):
