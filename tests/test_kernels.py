@@ -21,12 +21,19 @@ def op(cpu_kernels):
     return cpu_kernels.dwconv
 
 
-@pytest.mark.parametrize("n,c,h,w,k,s", [(2, 3, 7, 7, 3, 1), (2, 4, 8, 8, 3, 2), (3, 5, 9, 11, 5, 2),
-                                         (1, 2, 6, 5, 5, 1), (2, 3, 5, 5, 3, 2), (2, 6, 13, 10, 3, 2),
-                                         (1, 3, 4, 4, 7, 1), (2, 2, 9, 9, 3, 3)])
-def test_values_and_gradients_equal_paddles_kernel(op, n, c, h, w, k, s):
+# p None: the models' (k - 1) // 2. The others: no padding, more padding than the kernel reaches
+# (rows of zeros in the gradient's padded plane), and a stride past the kernel (input pixels that
+# no output reads, whose gradient is 0).
+@pytest.mark.parametrize("n,c,h,w,k,s,p", [(2, 3, 7, 7, 3, 1, None), (2, 4, 8, 8, 3, 2, None),
+                                           (3, 5, 9, 11, 5, 2, None), (1, 2, 6, 5, 5, 1, None),
+                                           (2, 3, 5, 5, 3, 2, None), (2, 6, 13, 10, 3, 2, None),
+                                           (1, 3, 4, 4, 7, 1, None), (2, 2, 9, 9, 3, 3, None),
+                                           (2, 3, 8, 9, 3, 2, 0), (1, 2, 6, 7, 3, 1, 3),
+                                           (2, 2, 10, 7, 5, 2, 4), (2, 3, 8, 7, 1, 3, 0),
+                                           (1, 2, 9, 8, 2, 3, 1), (4, 16, 14, 14, 5, 1, None)])
+def test_values_and_gradients_equal_paddles_kernel(op, n, c, h, w, k, s, p):
     rng = np.random.default_rng(n * 100 + k * 10 + s)
-    p = (k - 1) // 2
+    p = (k - 1) // 2 if p is None else p
     xn = rng.standard_normal([n, c, h, w]).astype(np.float32)
     wn = rng.standard_normal([c, 1, k, k]).astype(np.float32)
     oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
