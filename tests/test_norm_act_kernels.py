@@ -165,6 +165,28 @@ def test_conv_bn_layers_hand_their_activation_to_the_batch_norm(ops):
         BatchNorm2D(3)(images, "swish")
 
 
+def test_conv_bn_layers_with_another_batch_norm_apply_the_activation_after_it():
+    """Arch.use_sync_bn replaces every batch norm with nn.SyncBatchNorm, whose forward takes the
+    input only (and which has no CPU kernel): a layer whose bn is not ppcls_ft's BatchNorm2D
+    calls it with the input alone and applies the activation after it. Here a plain
+    nn.BatchNorm2D stands in for SyncBatchNorm."""
+    from ppcls_ft.models.layers import ConvBNAct
+    from ppcls_ft.models.mobilenet_v2 import ConvBNLayer
+    images = paddle.to_tensor(np.random.default_rng(0).standard_normal([2, 3, 8, 8]).astype(np.float32))
+    assert isinstance(paddle.nn.SyncBatchNorm.convert_sync_batchnorm(ConvBNAct(3, 4, 3)).bn,
+                      paddle.nn.SyncBatchNorm)  # the premise: conversion swaps the class
+    for layer, bn_name, act, fn in [(ConvBNAct(3, 4, 3, act="relu"), "bn", "relu", F.relu),
+                                    (ConvBNAct(3, 4, 3, act="hardswish"), "bn", "hardswish", F.hardswish),
+                                    (ConvBNLayer(3, 4, 3), "_batch_norm", "relu6", F.relu6)]:
+        ours = getattr(layer, bn_name)
+        expected = fn(ours(layer._conv(images) if bn_name == "_batch_norm" else layer.conv(images)))
+        plain = paddle.nn.BatchNorm2D(4)
+        plain.set_state_dict(ours.state_dict())
+        setattr(layer, bn_name, plain)
+        np.testing.assert_allclose(layer(images).numpy(), expected.numpy(), rtol=1e-5, atol=1e-5,
+                                   err_msg=act)
+
+
 def test_layers_take_the_kernels_only_where_they_may(ops, tmp_path):
     """Dygraph float32 on the CPU: the custom operators; an exact GELU only; a LayerNorm without
     scale, or over two axes, is Paddle's; so is every static graph (an export)."""

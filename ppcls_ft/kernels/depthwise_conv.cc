@@ -166,6 +166,9 @@ void gather_dispatch(float* out, int64_t len, const float* const* src, const flo
 }
 
 // acc[j] += sum over t of dy[t] * src[j][t], t in [0, len): the weight gradient of one plane.
+// The run also passes the unused columns past ow, where dy is 0: 0 * x adds nothing unless x is
+// inf or NaN, in which case a tap whose window never holds that pixel gets NaN too (Paddle's
+// gradient is then non-finite in the other taps; either way the step's gradient is not finite).
 // (Doing every tap per L1-sized chunk instead of one whole-plane pass per tap measured no
 // faster on 112x112 planes.)
 void dots(const float* __restrict dy, int64_t len, const float* const* src, int64_t taps,
@@ -227,7 +230,8 @@ std::vector<paddle::Tensor> DwBackward(const paddle::Tensor& x, const paddle::Te
   // the phase rows that hold input pixels (the others are padding)
   const int64_t row0 = g.p / g.s, rows = (g.p + g.h - 1) / g.s + 1 - row0;
   const int threads = omp_get_max_threads();
-  // weight gradients per thread, summed in thread order afterwards: the same sums every run
+  // weight gradients per thread, summed in thread order afterwards: for a given thread count,
+  // the same sums every run
   std::vector<double> partial(static_cast<size_t>(threads) * g.c * taps, 0.0);
 #pragma omp parallel
   {

@@ -15,7 +15,8 @@ import paddle.nn as nn
 
 from ..registry import MODELS
 from .base import ClassifierBase
-from .layers import BatchNorm2D, Conv2D, check_class_num, check_lr_mult_list, lr_attr
+from .layers import (BatchNorm2D, Conv2D, batch_norm_act, check_class_num, check_lr_mult_list,
+                     lr_attr)
 
 # (expansion t, output channels c at scale 1, repeats n, first stride s) for conv2 ... conv8.
 _STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
@@ -35,7 +36,7 @@ class ConvBNLayer(nn.Layer):
                                           bias_attr=lr_attr(lr_mult))
 
     def forward(self, x, if_act=True):
-        return self._batch_norm(self._conv(x), "relu6" if if_act else None)
+        return batch_norm_act(self._batch_norm, self._conv(x), "relu6" if if_act else None)
 
 
 class InvertedResidualUnit(nn.Layer):
