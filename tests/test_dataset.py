@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from ppcls_ft.data.dataset import ImageFolderDataset, ImageNetDataset, collate_skip_none
-from ppcls_ft.data.loader import build_dataloader, set_epoch
+from ppcls_ft.data.loader import build_dataloader, close, iterate, set_epoch
 from ppcls_ft.data.samplers import ClassBalancedSampler
 from ppcls_ft.errors import ConfigError, DataError
 
@@ -120,6 +120,81 @@ def test_loader_workers_match_in_process_and_epochs_reproduce(tiny_dataset):
     a1 = _epoch(single, 1)
     assert not np.array_equal(a0[0][0], a1[0][0])  # a new epoch: new order and augmentation
     np.testing.assert_array_equal(_epoch(single, 1)[0][0], a1[0][0])  # same epoch: same data
+
+
+def test_loader_workers_persist_across_epochs_and_end_when_closed_or_left_early(tiny_dataset):
+    """A loader's workers are forked once, not per epoch (a fork makes the next step copy every
+    page it writes); the data stays that of a loader without workers. A loop left early ends
+    them, and the next loop still gets the whole epoch; close() ends them."""
+    import multiprocessing
+    import time
+
+    root, train_list, _ = tiny_dataset
+    single = build_dataloader(_section(root, train_list, 0), "train", seed=7, class_num=3)
+    multi = build_dataloader(_section(root, train_list, 1), "train", seed=7, class_num=3)
+    before = {p.pid for p in multiprocessing.active_children()}
+
+    def workers(wait_for_none=False):
+        deadline = time.time() + 20
+        while True:
+            alive = {p.pid for p in multiprocessing.active_children()} - before
+            if not (wait_for_none and alive) or time.time() > deadline:
+                return alive
+            time.sleep(0.1)
+
+    def run(loader, epoch):
+        set_epoch(loader, epoch)
+        return [tuple(np.asarray(t) for t in batch) for batch in iterate(loader)]
+
+    def assert_same(got, want):
+        assert len(got) == len(want) == 3
+        for x, y in zip(got, want):
+            for u, v in zip(x, y):
+                np.testing.assert_array_equal(u, v)
+
+    assert_same(run(multi, 0), run(single, 0))
+    first = workers()
+    assert len(first) == 1
+    assert_same(run(multi, 1), run(single, 1))
+    assert workers() == first  # the same process served the next epoch
+    set_epoch(multi, 2)
+    for _ in iterate(multi):
+        break
+    assert workers(wait_for_none=True) == set()
+    assert_same(run(multi, 2), run(single, 2))
+    assert len(workers()) == 1
+    close(multi)
+    assert workers(wait_for_none=True) == set()
+    assert_same(run(multi, 3), run(single, 3))  # a closed loader starts new workers
+    close(multi)
+
+
+_LEFT_OPEN = """
+import json, sys
+from ppcls_ft.data.loader import build_dataloader
+
+def one_epoch():  # the loader goes out of scope with its workers running, as in most scripts
+    loader = build_dataloader(json.loads(sys.argv[1]), "train", seed=7, class_num=3)
+    return sum(len(batch[1]) for batch in loader)
+
+print(one_epoch(), flush=True)
+"""
+
+
+def test_a_process_that_never_closes_its_loader_still_exits(tiny_dataset):
+    """Workers ignore SIGTERM (stop signals are the main process's), so multiprocessing's exit
+    handler, which ends daemon workers with SIGTERM and then waits for them, would wait forever
+    on persistent workers nobody closed; ppcls_ft's own exit handler closes them first."""
+    import json
+    import subprocess
+    import sys
+
+    root, train_list, _ = tiny_dataset
+    section = json.dumps(_section(root, train_list, 2))
+    proc = subprocess.run([sys.executable, "-c", _LEFT_OPEN, section], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["12"]  # one whole epoch of the 12 images
 
 
 def test_loader_errors_name_config_path(tiny_dataset):

@@ -5,6 +5,7 @@ import numpy as np
 import paddle
 
 from ..data.dataset import list_images
+from ..data.loader import close
 from ..errors import ConfigError
 from ..inference_format import Postprocessor, Preprocessor, complete_preprocess, format_result, read_label_file
 from ..utils import distributed as dist
@@ -25,7 +26,12 @@ def train(cfg):
     # The output folder is locked and stop signals are caught before anything is written there.
     with run_guard(out, rank=dist.rank()), paddle.utils.unique_name.guard():
         parts = build_train_parts(cfg)
-        result = Trainer(parts).fit()
+        try:
+            result = Trainer(parts).fit()
+        finally:  # the loaders' workers persist from epoch to epoch; not past the run
+            for loader in (parts.train_loader, parts.eval_loader):
+                if loader is not None:
+                    close(loader)
     parts.logger.info(f"results: {out}/train_results.json, checkpoints: {out}/best_model.pdparams, "
                       f"{out}/latest.pdparams, log: {out}/train.log")
     return result
@@ -36,7 +42,10 @@ def evaluate_config(cfg):
     _require_weights(cfg, "evaluate (the weights to test)")
     parts = build_eval_parts(cfg)
     stats = ClassStats(parts.model.class_num)
-    result = evaluate(parts, parts.model, stats)
+    try:
+        result = evaluate(parts, parts.model, stats)
+    finally:
+        close(parts.eval_loader)
     images = result.pop("images")
     parts.logger.info(f"[Eval][Avg]{format_values(result)} ({images} images)")
     per_class = class_results(cfg, stats, parts.eval_loader)
