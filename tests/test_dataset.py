@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from ppcls_ft.data.dataset import ImageFolderDataset, ImageNetDataset, collate_skip_none
-from ppcls_ft.data.loader import build_dataloader, close, iterate, set_epoch
+from ppcls_ft.data.loader import build_dataloader, close, iterate, limit_batches, set_epoch, start_workers
 from ppcls_ft.data.samplers import ClassBalancedSampler
 from ppcls_ft.errors import ConfigError, DataError
 
@@ -166,6 +166,24 @@ def test_loader_workers_persist_across_epochs_and_end_when_closed_or_left_early(
     close(multi)
     assert workers(wait_for_none=True) == set()
     assert_same(run(multi, 3), run(single, 3))  # a closed loader starts new workers
+    close(multi)
+    assert workers(wait_for_none=True) == set()
+
+    # started before any loop (builder.py does so before the model exists), and cut to 2 of
+    # its 3 batches (the trainer drops a partial accumulation group): still one process
+    start_workers(multi)
+    started = workers()
+    assert len(started) == 1
+    limit_batches(multi, 2)
+    limit_batches(single, 2)
+    assert len(multi) == 2
+    for epoch in (4, 5):
+        got, want = run(multi, epoch), run(single, epoch)
+        assert len(got) == len(want) == 2
+        for x, y in zip(got, want):
+            for u, v in zip(x, y):
+                np.testing.assert_array_equal(u, v)
+        assert workers() == started
     close(multi)
 
 

@@ -9,8 +9,9 @@ batch sampler is wrapped so that each index travels with its position in this ra
 the dataset wrapper reseeds python ``random`` and numpy's global RNG from (seed, rank, epoch,
 position) before each item. The result is the same whichever worker process handles the item,
 so ``num_workers=0`` and ``num_workers=2`` give identical batches, and every rank draws its own.
-``worker_init_fn`` additionally seeds each worker from (seed, rank, epoch, worker) and, with no
-workers, ``set_epoch`` seeds the main process, covering randomness outside ``__getitem__``.
+``worker_init_fn`` additionally seeds each worker from (seed, rank, epoch, worker) when it starts
+(workers persist across epochs, so that is the epoch of its start) and, with no workers,
+``set_epoch`` seeds the main process; nothing draws from those seeds today.
 
 Evaluation loaders (mode eval/test/infer) shard the dataset across ranks without padding, so a
 multi-device eval counts every image exactly once (``samplers.EvalShardSampler``).
@@ -43,6 +44,7 @@ class _SeededBatches:
         self.seed = int(seed)
         self.rank = int(rank)
         self.epoch = 0
+        self.limit = None  # at most this many batches per epoch (limit_batches)
 
     def set_epoch(self, epoch):
         self.epoch = int(epoch)
@@ -51,7 +53,9 @@ class _SeededBatches:
 
     def __iter__(self):
         pos = 0
-        for batch in self.batch_sampler:
+        for n, batch in enumerate(self.batch_sampler):
+            if self.limit is not None and n >= self.limit:
+                return
             keys = []
             for idx in batch:
                 keys.append((int(idx), derive(self.seed, self.rank, self.epoch, ITEM, pos)))
@@ -59,7 +63,8 @@ class _SeededBatches:
             yield keys
 
     def __len__(self):
-        return len(self.batch_sampler)
+        n = len(self.batch_sampler)
+        return n if self.limit is None else min(n, self.limit)
 
     def __getattr__(self, name):  # batch_size, drop_last, ... of the wrapped sampler
         if name == "batch_sampler":
@@ -204,16 +209,51 @@ def build_dataloader(section: dict, mode: str, *, seed: int = 0, class_num=None,
     # training process then writes for the first time is copied (copy-on-write while the child
     # lives). After an epoch the heap holds gigabytes of activations: the first step after each
     # fork took 3 s instead of 0.5 (MobileNetV2, 160 px), twice an epoch with evaluation. Kept,
-    # the workers are forked once per loader. Augmentations stay exact: every item carries its
-    # own seed (_SeededBatches), whatever worker or epoch loads it.
-    loader = paddle.io.DataLoader(
+    # the workers are forked once per loader (start_workers forks them while the heap is small).
+    # Augmentations stay exact: every item carries its own seed (_SeededBatches), whatever worker
+    # or epoch loads it. The price: Paddle's restart of a kept iterator polls every 0.5 s, so
+    # each loop over a loader begins about 0.5 s late.
+    loader = _Loader(
         _SeededDataset(dataset), batch_sampler=_SeededBatches(sampler, seed, rank),
         collate_fn=collate_skip_none, num_workers=workers, use_shared_memory=shared_mem,
         worker_init_fn=_WorkerInit(seed, rank), return_list=True, persistent_workers=workers > 0)
-    if workers > 0:
-        _PERSISTENT.add(loader)
     set_epoch(loader, 0)
     return loader
+
+
+class _Loader(paddle.io.DataLoader):
+    """``paddle.io.DataLoader`` that registers itself for the exit handler (``_close_all``)
+    whenever a loop starts its persistent workers."""
+
+    def __iter__(self):
+        if self._persistent_workers:
+            _PERSISTENT.add(self)
+        return super().__iter__()
+
+
+def limit_batches(loader, batches: int):
+    """At most ``batches`` batches per epoch from ``loader`` (the trainer drops a partial
+    accumulation group at the end): the loop ends at the end of the data, so a persistent loader
+    keeps its workers instead of being left early every epoch."""
+    loader.batch_sampler.limit = int(batches)
+
+
+def start_workers(loader):
+    """Fork a persistent loader's workers now (a no-op without workers). Called before the model
+    and its optimizer exist: a worker forked later shares the whole training heap with the
+    trainer, and each page the trainer then writes is copied, costing the trainer time and the
+    worker that much private memory."""
+    if not getattr(loader, "_persistent_workers", False):
+        return
+    # No batch is requested: Paddle's restart of a kept iterator (the first loop's iter()) races
+    # with batches still in flight (its bookkeeping is reset while they arrive), so the workers
+    # are started with an empty epoch.
+    sampler = loader.batch_sampler
+    saved, sampler.limit = sampler.limit, 0
+    try:
+        iter(loader)
+    finally:
+        sampler.limit = saved
 
 
 def set_epoch(loader, epoch: int):
@@ -236,23 +276,23 @@ def iterate(loader):
     the end of the data leaves a persistent loader's workers running for the next one; ``close``
     ends them.
     """
-    batches = iter(loader)
-    finished = False
+    batches, finished = None, False
     try:
+        batches = iter(loader)  # restarting kept workers can fail too (a signal, a dead worker)
         yield from batches
         finished = True
     finally:
         if not (finished and getattr(loader, "_persistent_workers", False)):
-            _shutdown(loader, batches)
+            _shutdown(loader, batches if batches is not None else getattr(loader, "_iterator", None))
 
 
 # Every loader with persistent workers, closed at interpreter exit if nobody closed it. Otherwise
 # multiprocessing's exit handler ends the workers with SIGTERM, which they ignore (_WorkerInit),
 # and then waits for them forever (tests/test_dataset.py makes exactly that exit). atexit runs
 # the last-registered handler first, and importing multiprocessing.util above registers its
-# handler before this one. Strong references, kept after close() (the loader may be iterated
-# again): a persistent iterator outlives its loader (its prefetch thread refers to it), so a
-# loader that went out of scope must still be reachable here.
+# handler before this one. Strong references: a persistent iterator outlives its loader (its
+# prefetch thread refers to it), so a loader that went out of scope must still be reachable
+# here. A loader joins at each loop (_Loader.__iter__) and leaves at close().
 _PERSISTENT = set()
 
 
@@ -265,13 +305,14 @@ def _close_all():
 def close(loader):
     """End a persistent loader's worker processes (a no-op when it has none running). The
     loader stays usable: its next loop starts new workers."""
+    _PERSISTENT.discard(loader)
     batches = getattr(loader, "_iterator", None)
     if batches is not None:
         _shutdown(loader, batches)
 
 
 def _shutdown(loader, batches):
-    shutdown = getattr(batches, "_try_shutdown_all", None)  # absent without workers
+    shutdown = getattr(batches, "_try_shutdown_all", None)  # absent without workers (or None)
     if shutdown is not None:
         shutdown()
     if getattr(loader, "_iterator", None) is batches:

@@ -13,7 +13,7 @@ import paddle
 
 from ..config import save_config
 from ..data.batch_ops import build_batch_op
-from ..data.loader import build_dataloader
+from ..data.loader import build_dataloader, limit_batches, start_workers
 from ..errors import ConfigError, WeightsError
 from ..losses import build_loss
 from ..metrics import build_metrics
@@ -164,6 +164,9 @@ def build_train_parts(cfg):
     train_loader = build_dataloader(train_section, "Train", seed=seed, class_num=class_num,
                                     path="DataLoader.Train")
     eval_loader = _eval_loader(cfg, class_num, seed)
+    for loader in (train_loader, eval_loader):  # before the model: see start_workers
+        if loader is not None:
+            start_workers(loader)
     batch_op = build_batch_op(train_section["dataset"].get("batch_transform_ops"), class_num,
                               path="DataLoader.Train.dataset.batch_transform_ops")
 
@@ -179,6 +182,7 @@ def build_train_parts(cfg):
     if steps_per_epoch < 1:
         raise ConfigError("Global.update_freq", f"is {update_freq} but an epoch has only "
                                                 f"{len(train_loader)} batches; lower it or the batch size")
+    limit_batches(train_loader, steps_per_epoch * update_freq)  # a partial group is dropped
     opt_cfg = cfg.get("Optimizer")
     if opt_cfg is None:
         raise ConfigError("Optimizer", "is required to train (e.g. name: Momentum, lr: {name: Cosine, ...})")

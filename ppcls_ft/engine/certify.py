@@ -32,7 +32,7 @@ def random_batches(image_shape, n=RANDOM_SAMPLES, seed=0):
 def eval_batches(cfg, class_num, limit=None):
     """``(images, labels)`` numpy batches from ``DataLoader.Eval``, at most ``limit`` images, and
     a sentence saying what they are; ``None`` when the config has no eval set."""
-    from ..data.loader import build_dataloader
+    from ..data.loader import build_dataloader, close, iterate
 
     section = (cfg.get("DataLoader") or {}).get("Eval")
     if section is None:
@@ -43,15 +43,18 @@ def eval_batches(cfg, class_num, limit=None):
 
     def batches():
         seen = 0
-        for images, labels, _ in loader:
-            images, labels = images.numpy(), labels.numpy().reshape(-1)
-            if limit is not None:
-                images, labels = images[:limit - seen], labels[:limit - seen]
-            if len(images):
-                yield images, labels
-            seen += len(images)
-            if limit is not None and seen >= limit:
-                return
+        try:
+            for images, labels, _ in iterate(loader):
+                images, labels = images.numpy(), labels.numpy().reshape(-1)
+                if limit is not None:
+                    images, labels = images[:limit - seen], labels[:limit - seen]
+                if len(images):
+                    yield images, labels
+                seen += len(images)
+                if limit is not None and seen >= limit:
+                    return
+        finally:  # its workers are not needed past these batches
+            close(loader)
 
     used = total if limit is None else min(int(limit), total)
     what = "all" if used == total else f"the first {used}"
