@@ -146,8 +146,8 @@ def test_loader_workers_persist_across_epochs_and_end_when_closed_or_left_early(
         set_epoch(loader, epoch)
         return [tuple(np.asarray(t) for t in batch) for batch in iterate(loader)]
 
-    def assert_same(got, want):
-        assert len(got) == len(want) == 3
+    def assert_same(got, want, batches=3):
+        assert len(got) == len(want) == batches
         for x, y in zip(got, want):
             for u, v in zip(x, y):
                 np.testing.assert_array_equal(u, v)
@@ -178,11 +178,7 @@ def test_loader_workers_persist_across_epochs_and_end_when_closed_or_left_early(
     limit_batches(single, 2)
     assert len(multi) == 2
     for epoch in (4, 5):
-        got, want = run(multi, epoch), run(single, epoch)
-        assert len(got) == len(want) == 2
-        for x, y in zip(got, want):
-            for u, v in zip(x, y):
-                np.testing.assert_array_equal(u, v)
+        assert_same(run(multi, epoch), run(single, epoch), batches=2)
         assert workers() == started
     close(multi)
 

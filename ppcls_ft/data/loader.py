@@ -283,7 +283,7 @@ def iterate(loader):
         finished = True
     finally:
         if not (finished and getattr(loader, "_persistent_workers", False)):
-            _shutdown(loader, batches if batches is not None else getattr(loader, "_iterator", None))
+            _shutdown(loader, batches)
 
 
 # Every loader with persistent workers, closed at interpreter exit if nobody closed it. Otherwise
@@ -306,12 +306,13 @@ def close(loader):
     """End a persistent loader's worker processes (a no-op when it has none running). The
     loader stays usable: its next loop starts new workers."""
     _PERSISTENT.discard(loader)
-    batches = getattr(loader, "_iterator", None)
-    if batches is not None:
-        _shutdown(loader, batches)
+    _shutdown(loader)
 
 
-def _shutdown(loader, batches):
+def _shutdown(loader, batches=None):
+    """Shut down ``batches`` (by default the iterator a persistent loader keeps)."""
+    if batches is None:
+        batches = getattr(loader, "_iterator", None)
     shutdown = getattr(batches, "_try_shutdown_all", None)  # absent without workers (or None)
     if shutdown is not None:
         shutdown()
