@@ -1,7 +1,11 @@
 """Frozen means cheap (engine/frozen.py): a frozen backbone runs forward-only, and its features
 are computed once when no random transform or batch operator touches them."""
+import os
+import signal
+
 import numpy as np
 
+from ppcls_ft.data.dataset import ImageNetDataset
 from ppcls_ft.engine import frozen
 from ppcls_ft.engine.builder import build_train_parts
 from ppcls_ft.engine.trainer import Trainer
@@ -41,6 +45,27 @@ def test_cached_features_train_the_head_exactly_as_the_forward_only_path(tmp_pat
     assert changed == {"fc.weight", "fc.bias"}
     for key in after:  # same batches in the same order, same features, same head steps
         np.testing.assert_allclose(after[key], ref[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_cache_reader_workers_leave_sigterm_to_the_trainer(tmp_path, tiny_dataset, monkeypatch):
+    """A scheduler signals the whole process group: every loader worker, the feature cache's
+    too, gets the SIGTERM. Here each worker process sends it to itself at its first image; a
+    worker that did not ignore it would die and take the cache (and the run) with it."""
+    main, read = os.getpid(), ImageNetDataset.__getitem__
+    signalled = []  # per process: a forked worker starts with the parent's empty list
+
+    def getitem(self, idx):
+        if os.getpid() != main and not signalled:
+            signalled.append(idx)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return read(self, idx)
+
+    monkeypatch.setattr(ImageNetDataset, "__getitem__", getitem)
+    trainer, _, _, result = _train(tmp_path, tiny_dataset, "signalled",
+                                   PROBE + [FIXED_TRAIN, "DataLoader.Train.loader.num_workers=2"],
+                                   epochs=1)
+    assert trainer.frozen.features is not None and trainer.frozen.features.shape[0] == 12
+    assert (trainer.frozen.labels >= 0).all() and result["stopped_by"] is None
 
 
 def test_random_transforms_mean_forward_only_and_say_why(tmp_path, tiny_dataset):

@@ -109,9 +109,11 @@ class FrozenBackbone:
         batch = int(getattr(loader.batch_sampler, "batch_size", 32) or 32)
         self.log.info(f"epoch {epoch}: computing the frozen backbone's features of {n} train images "
                       f"once ({need_mb:.1f} MB)")
+        # the train loader's worker_init_fn: its workers leave stop signals to this process
+        # (a scheduler's SIGTERM to the process group must not kill them mid-read)
         reader = paddle.io.DataLoader(_Indexed(dataset), batch_size=batch, shuffle=False,
                                       num_workers=loader.num_workers, collate_fn=_collate_indexed,
-                                      return_list=True)
+                                      worker_init_fn=loader.worker_init_fn, return_list=True)
         from ..data.loader import iterate
         for images, labels_b, index in iterate(reader):
             if len(index) == 0:
