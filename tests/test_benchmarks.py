@@ -22,14 +22,23 @@ def test_finetune_flowers_smoke(tmp_path, tiny_dataset):
     out = tmp_path / "docs"
     results = bench.main(["--data", str(root), "--weights", "unused", "--split", "mini", "--size", "32",
                           "--epochs", "1", "--batch-size", "4", "--workers", "0", "--runs", "scratch",
-                          "--out", str(out), "--work", str(tmp_path / "work"),
+                          "--seeds", "0,1", "--out", str(out), "--work", str(tmp_path / "work"),
                           "-o", "Arch.class_num=3", "-o", "Optimizer.lr.warmup_epoch=0"])
     assert 0 <= results["scratch"]["best_top1"] <= 1
     saved = json.loads((out / "flowers5_mini_32px.json").read_text())
-    assert list(saved["results"]) == ["scratch"]
-    assert "| scratch |" in (out / "flowers5_mini_32px.md").read_text()
+    assert list(saved["results"]) == ["scratch", "scratch, seed 1"]
+    runs = saved["results"].values()
+    assert [r["seed"] for r in runs] == [0, 1]
+    # the seed reached the trainer: another head, batch order and augmentation, another loss
+    losses = [r["history"][0]["train_loss"] for r in runs]
+    assert losses[0] != losses[1]
+    text = (out / "flowers5_mini_32px.md").read_text()
+    assert "--runs scratch --seeds 0,1`" in text
+    assert "| scratch | 0 |" in text and "| scratch | 1 |" in text
+    best = [r["best_top1"] for r in runs]
+    assert f"**scratch** over seeds 0, 1: best val top-1 mean {sum(best) / 2:.4f}" in text
     rss = saved["results"]["scratch"]["history"][0]["rss_mib"]  # the trainer's memory per epoch
-    assert rss > 100 and f"| {rss:.0f} |" in (out / "flowers5_mini_32px.md").read_text()
+    assert rss > 100 and f"| {rss:.0f} |" in text
     assert (out / "flowers5_mini_32px.png").stat().st_size > 1000
 
 
