@@ -161,3 +161,26 @@ def test_paddle_imported_first_takes_the_variable_route_and_says_why(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = proc.stdout.strip().splitlines()[-1]
     assert line.startswith("avx2 5 |") and "paddle was imported before ppcls_ft" in line
+
+
+def test_processes_launched_on_one_machine_share_its_cores(monkeypatch):
+    """paddle.distributed.launch --nproc_per_node N sets PADDLE_LOCAL_SIZE=N in each process:
+    each takes its share of the cores for math instead of all of them (N x oversubscribed);
+    Global.cpu_threads still wins."""
+    import paddle
+    from ppcls_ft.utils import device
+
+    calls = []
+    monkeypatch.setattr(paddle.base.core, "set_num_threads", calls.append)
+    monkeypatch.setattr(device, "available_cores", lambda: 8)
+    monkeypatch.setenv("PADDLE_LOCAL_SIZE", "2")
+    _, banner = device.setup_device("cpu")
+    assert calls == [4] and "4 math threads of 8 cores (2 training processes on this machine" in banner
+    monkeypatch.setenv("PADDLE_LOCAL_SIZE", "16")  # more processes than cores: one thread each
+    _, banner = device.setup_device("cpu")
+    assert calls[-1] == 1 and "1 math thread of 8 cores (16 training" in banner
+    _, banner = device.setup_device("cpu", cpu_threads=3)
+    assert calls[-1] == 3 and "3 math threads of 8 cores," in banner
+    monkeypatch.delenv("PADDLE_LOCAL_SIZE")
+    _, banner = device.setup_device("cpu")
+    assert calls[-1] == 8 and "8 math threads of 8 cores," in banner

@@ -75,6 +75,8 @@ def test_only_rank_zero_writes_and_the_start_line_states_the_batch(runs):
     assert ("world size 2 (this is rank 0): batch 2 per device, 4 global per iteration, "
             "8 per optimizer step (Global.update_freq 2)") in log
     assert "this is rank 1" not in log
+    # each process took its share of the cores for math, not all of them
+    assert "(2 training processes on this machine share them)" in log
     assert len(list((two / "vdl").glob("vdlrecords.*"))) == 1
     assert sorted(p.name for p in two.glob("*.pdstates")) == [
         "best_model.pdstates", "epoch_1.pdstates", "epoch_2.pdstates", "latest.pdstates"]

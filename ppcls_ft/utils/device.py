@@ -2,7 +2,8 @@
 
 Paddle runs one math thread by default (shared/guide/PERFORMANCE.md §1: ResNet50 training
 0.84 -> 1.27 images/s with 2 threads, 2.93 with the MKL AVX2 path on AMD), and PaddleClas never
-changes it. We set ``paddle.base.core.set_num_threads`` to the cores this process may use.
+changes it. We set ``paddle.base.core.set_num_threads`` to the cores this process may use, shared
+out among the training processes ``paddle.distributed.launch`` started on this machine.
 """
 import os
 
@@ -18,6 +19,23 @@ def available_cores():
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def local_processes():
+    """Training processes on this machine: ``paddle.distributed.launch`` sets PADDLE_LOCAL_SIZE in
+    each (``--nproc_per_node``); 1 when it is absent or unreadable."""
+    try:
+        return max(1, int(os.environ.get("PADDLE_LOCAL_SIZE") or 1))
+    except ValueError:
+        return 1
+
+
+def math_threads(cores, processes):
+    """Math threads for one of ``processes`` training processes sharing ``cores``: an equal share,
+    at least one. Every process taking every core oversubscribes them, and Paddle's OpenMP
+    threads wait for each other by spinning (libiomp5's default), so a thread that lost its
+    core holds up its whole team."""
+    return max(1, cores // max(1, processes))
 
 
 def cpu_simd():
@@ -85,7 +103,8 @@ def setup_device(device="cpu", cpu_threads=None, logger=None):
         device = "cpu"
     paddle.set_device("cpu")
     cores = available_cores()
-    threads = int(cpu_threads or cores)
+    processes = local_processes()
+    threads = int(cpu_threads or math_threads(cores, processes))
     paddle.base.core.set_num_threads(threads)
     from .._cpu import keep_freed_memory, mkl_route_text
     fast = mkl_route_text()
@@ -96,7 +115,10 @@ def setup_device(device="cpu", cpu_threads=None, logger=None):
     if layout:
         fast += f", {layout}"
     from .. import kernels
-    banner = (f"device cpu: {threads} math threads of {cores} cores, {CPU_VENDOR} CPU with "
+    share = (f" ({processes} training processes on this machine share them)"
+             if processes > 1 and not cpu_threads else "")
+    banner = (f"device cpu: {threads} math thread{'s' if threads != 1 else ''} of {cores} "
+              f"cores{share}, {CPU_VENDOR} CPU with "
               f"{cpu_simd()}, {fast}, {kernels.status()}")
     for note in notes:
         _log(logger, note, warning=True)
