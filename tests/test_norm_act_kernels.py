@@ -133,6 +133,79 @@ def test_batch_norm_with_a_fused_activation_equals_paddles_pair(ops, act):
     np.testing.assert_allclose(ours(xt, act).numpy(), fn(plain(xt)).numpy(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("act", [None, "relu", "relu6"])
+@pytest.mark.parametrize("shape", [(4, 9, 7, 6), (3, 28, 28, 20), (2, 1, 1, 3)])
+def test_batch_norm_on_nhwc_equals_paddles(ops, shape, act):
+    """``data_format="NHWC"``: the kernel's channels-last path (per-thread column sums in blocks
+    of rows; 3 * 28 * 28 rows is not a multiple of the block) against Paddle's NHWC batch norm
+    and activation, over two training steps (values, gradients, running statistics), then in
+    eval mode."""
+    rng = np.random.default_rng(shape[-1] + len(act or ""))
+    c = shape[-1]
+    plain = paddle.nn.BatchNorm2D(c, momentum=0.8, data_format="NHWC")
+    ours = BatchNorm2D(c, momentum=0.8, data_format="NHWC")
+    state = {k: paddle.to_tensor(v.numpy()) for k, v in plain.state_dict().items()}
+    state["weight"] = paddle.to_tensor(rng.uniform(0.5, 3, c).astype(np.float32))
+    state["bias"] = paddle.to_tensor(rng.uniform(-1, 2, c).astype(np.float32))
+    plain.set_state_dict(state)
+    ours.set_state_dict(state)
+    fn = {None: lambda t: t, "relu": F.relu, "relu6": F.relu6}[act]
+    calls = []
+    real = ops.batch_norm
+
+    def counting(*args):
+        calls.append(args[-1])
+        return real(*args)
+
+    for step in range(2):
+        x = (rng.standard_normal(shape) * 2 + 1).astype(np.float32)
+        g = rng.standard_normal(shape).astype(np.float32)
+        results = []
+        for forward, layer in ((lambda t: fn(plain(t)), plain), (lambda t: ours(t, act), ours)):
+            layer.train()
+            layer.clear_gradients()
+            xt = paddle.to_tensor(x, stop_gradient=False)
+            saved = kernels._STATE["ops"]
+            kernels._STATE["ops"] = type(saved)(**{**vars(saved), "batch_norm": counting})
+            try:
+                y = forward(xt)
+            finally:
+                kernels._STATE["ops"] = saved
+            y.backward(paddle.to_tensor(g))
+            results.append([y.numpy(), xt.grad.numpy(), layer.weight.grad.numpy(),
+                            layer.bias.grad.numpy(), layer._mean.numpy(), layer._variance.numpy()])
+        _close(results[1], results[0], ("output", "input gradient", "scale gradient",
+                                        "shift gradient", "running mean", "running variance"))
+    assert calls == [True, True]  # our layer took the kernel, channels-last, in both steps
+    plain.eval(), ours.eval()
+    x = paddle.to_tensor(rng.standard_normal(shape).astype(np.float32))
+    np.testing.assert_allclose(ours(x, act).numpy(), fn(plain(x)).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_batch_norm_on_nhwc_gives_the_same_floats_on_one_math_thread_and_two(ops):
+    """The NHWC sums go over fixed blocks of rows, not per-thread shares, so a 2-process launch
+    (one math thread each) and a 1-process run (two) normalise alike; forward and backward."""
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal([4, 30, 30, 24]) * 3 + 1).astype(np.float32)  # 3600 rows: 57 blocks
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    scale = rng.uniform(0.5, 2, 24).astype(np.float32)
+    shift = rng.uniform(-1, 1, 24).astype(np.float32)
+    results = {}
+    try:
+        for threads in (1, 2):
+            paddle.base.core.set_num_threads(threads)
+            xt, st, bt = (paddle.to_tensor(a, stop_gradient=False) for a in (x, scale, shift))
+            out, mean, var = ops.batch_norm(xt, st, bt, 1e-5, "relu", True)
+            out.backward(paddle.to_tensor(g))
+            results[threads] = [t.numpy() for t in (out, mean, var, xt.grad, st.grad, bt.grad)]
+    finally:
+        from ppcls_ft.utils.device import available_cores
+        paddle.base.core.set_num_threads(available_cores())
+    for name, a, b in zip(("output", "mean", "variance", "input gradient", "scale gradient",
+                           "shift gradient"), results[1], results[2]):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+
 def test_conv_bn_layers_hand_their_activation_to_the_batch_norm(ops):
     """ConvBNAct and MobileNetV2's ConvBNLayer call the batch-norm kernel with their activation
     (one kernel call, no activation operator after it); a bad name is refused."""
@@ -215,9 +288,10 @@ def test_layers_take_the_kernels_only_where_they_may(ops, tmp_path):
         Hardswish()(x)
         assert calls == ["layer_norm", "gelu", "batch_norm", "hardswish"]
         bn.eval(), bn(images), BatchNorm2D(3, use_global_stats=True)(images)
-        BatchNorm2D(3, data_format="NHWC")(images.transpose([0, 2, 3, 1]))
         GELU()(x.astype("float64")), Hardswish()(x.astype("float64"))  # not float32: Paddle's
         assert calls == ["layer_norm", "gelu", "batch_norm", "hardswish"]
+        BatchNorm2D(3, data_format="NHWC")(images.transpose([0, 2, 3, 1]))  # NHWC: the kernel
+        assert calls == ["layer_norm", "gelu", "batch_norm", "hardswish", "batch_norm"]
     finally:
         kernels._STATE.clear()
         kernels._STATE.update(saved)

@@ -1,5 +1,6 @@
 """The dense convolution on oneDNN (ppcls_ft/kernels/onednn_conv.cc): values and gradients against
 Paddle's convolution, the layers that take it, and what happens without oneDNN's headers."""
+import json
 import logging
 import shutil
 import warnings
@@ -12,6 +13,7 @@ from conftest import output_and_grads
 from ppcls_ft import kernels
 from ppcls_ft.kernels import onednn_headers
 from ppcls_ft.models import build_model
+from ppcls_ft.models import layers
 from ppcls_ft.models.layers import Conv2D
 
 F = paddle.nn.functional
@@ -40,8 +42,13 @@ CASES = [
 ]
 
 
+NHWC, NCHW = (0, 2, 3, 1), (0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("n,cin,cout,h,w,k,strides,pads", CASES)
-def test_values_and_gradients_equal_paddles_convolution(conv, n, cin, cout, h, w, k, strides, pads):
+def test_values_and_gradients_equal_paddles_convolution(conv, n, cin, cout, h, w, k, strides, pads,
+                                                        layout):
     rng = np.random.default_rng(cin * 31 + cout + h)
     xn = rng.standard_normal([n, cin, h, w]).astype(np.float32)
     wn = rng.standard_normal([cout, cin, *k]).astype(np.float32)
@@ -50,13 +57,23 @@ def test_values_and_gradients_equal_paddles_convolution(conv, n, cin, cout, h, w
     gn = rng.standard_normal([n, cout, oh, ow]).astype(np.float32)
     # Paddle's four-number padding is [top, bottom, left, right], the operator's order
     ref = output_and_grads(lambda x, wt: F.conv2d(x, wt, stride=strides, padding=pads), [xn, wn], gn)
-    ours = output_and_grads(lambda x, wt: conv(x, wt, strides, pads), [xn, wn], gn)
+    last = layout == "NHWC"
+
+    def ours_in_nchw():
+        if not last:
+            return output_and_grads(lambda x, wt: conv(x, wt, strides, pads), [xn, wn], gn)
+        # the same convolution on the NHWC copies, its output and input gradient back in NCHW
+        y, dx, dw = output_and_grads(lambda x, wt: conv(x, wt, strides, pads, True),
+                                     [xn.transpose(NHWC), wn], gn.transpose(NHWC))
+        assert y.shape == (n, oh, ow, cout) and dx.shape == (n, h, w, cin)
+        return [y.transpose(NCHW), dx.transpose(NCHW), dw]
+
+    ours = ours_in_nchw()
     for name, a, b in zip(("output", "input gradient", "weight gradient"), ref, ours):
         assert a.shape == b.shape, name
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-4 * max(1.0, np.abs(a).max()), err_msg=name)
     # a second call with the same shape reuses the cached primitives and gives the same floats
-    again = output_and_grads(lambda x, wt: conv(x, wt, strides, pads), [xn, wn], gn)
-    for a, b in zip(ours, again):
+    for a, b in zip(ours, ours_in_nchw()):
         np.testing.assert_array_equal(a, b)
 
 
@@ -75,21 +92,40 @@ def test_the_layer_takes_the_operator_only_for_its_case():
     assert pads(4, 8, 3, dilation=2, bias_attr=False) is None
     assert pads(4, 8, 3, groups=2, bias_attr=False) is None
     assert pads(4, 8, 3, padding=1, padding_mode="reflect", bias_attr=False) is None
-    assert pads(4, 8, 3, data_format="NHWC", bias_attr=False) is None
     depthwise = Conv2D(8, 8, 3, padding=1, groups=8, bias_attr=False)
     assert depthwise._depthwise and depthwise._pads is None
+    # NHWC: every dense case, pointwise too (no reorder around it there); depthwise is Paddle's
+    assert pads(4, 8, 3, padding=1, data_format="NHWC", bias_attr=False) == [1, 1, 1, 1]
+    assert pads(4, 8, 1, data_format="NHWC", bias_attr=False) == [0, 0, 0, 0]
+    assert pads(4, 8, 3, padding=[[0, 0], [1, 0], [0, 1], [0, 0]], data_format="NHWC",
+                bias_attr=False) == [1, 0, 0, 1]  # Paddle's pair form names NHWC's axes
+    assert pads(4, 8, 3, padding=1, data_format="NHWC") is None
+    depthwise = Conv2D(8, 8, 3, padding=1, groups=8, bias_attr=False, data_format="NHWC")
+    assert not depthwise._depthwise and depthwise._pads is None
 
 
-def test_a_resnet_step_matches_float64_and_every_dense_convolution_takes_the_operator(conv, tmp_path):
+@pytest.mark.parametrize("data_format", ["NCHW", "NHWC"])
+def test_a_resnet_step_matches_float64_and_every_dense_convolution_takes_the_operator(
+        conv, tmp_path, data_format, monkeypatch):
     """ResNet18 in train mode, one step on ppcls_ft's kernels: the logits within 1e-4 of the
     largest and every parameter gradient within 1e-4 of the largest, against the same step in
-    float64 (Paddle's kernels). The float64 step is the reference, not Paddle's float32 one:
-    measured here, Paddle's float32 gradients are the ones that stray (1e-2 of the largest at the
-    stem, where oneDNN's are within 5e-6), and train-mode batch norm over 4 images amplifies
-    any summation order's last bits."""
+    float64 (Paddle's kernels). Built NHWC (``Arch.data_format``), the 1x1 stride-1 projection
+    takes the operator too and the batch norms run their NHWC kernel.
+
+    Every ReLU input is kept at least 1e-3 from zero (batch-norm scale 0.2, shift 1; asserted
+    below). With the default scale 1 and shift 0, one ReLU input of the 4 x 3 x 3 x 256 at
+    ``blocks.5.conv0`` lay within float32 rounding of zero: any float32 implementation could
+    decide it either way (Paddle's own, NCHW and NHWC, did one way; the float64 step the other),
+    and that one decision moved the gradients below it by 1e-2 of the largest, whatever the
+    kernels."""
     paddle.seed(0)
-    model = build_model({"name": "ResNet18", "class_num": 4}, load_weights=False)
+    model = build_model({"name": "ResNet18", "class_num": 4, "data_format": data_format},
+                        load_weights=False)
     model.train()
+    for layer in model.sublayers():
+        if isinstance(layer, paddle.nn.BatchNorm2D):
+            layer.weight.set_value(paddle.full_like(layer.weight, 0.2))
+            layer.bias.set_value(paddle.full_like(layer.bias, 1.0))
     xn = np.random.default_rng(1).standard_normal([4, 3, 48, 48])
     y = paddle.to_tensor(np.arange(4))
     calls = []
@@ -112,12 +148,32 @@ def test_a_resnet_step_matches_float64_and_every_dense_convolution_takes_the_ope
         logits, ours = step("float32")
     finally:
         kernels._STATE["ops"] = saved
-    dense = [m for m in model.sublayers() if isinstance(m, paddle.nn.Conv2D) and m._groups == 1
-             and (list(m._kernel_size), list(m._stride)) != ([1, 1], [1, 1])]
-    # ResNet18: stem, 16 in the blocks, 3 strided shortcuts (the 4th, 1x1 stride 1, is Paddle's)
-    assert len(calls) == len(dense) == 20
+    convs = [m for m in model.sublayers() if isinstance(m, paddle.nn.Conv2D)]
+    dense = [m for m in convs if m._groups == 1 and (data_format == "NHWC" or (
+        list(m._kernel_size), list(m._stride)) != ([1, 1], [1, 1]))]
+    # ResNet18: stem, 16 in the blocks, 3 strided shortcuts; the 4th shortcut, 1x1 stride 1, is
+    # Paddle's on NCHW
+    assert len(convs) == 21
+    assert len(calls) == len(dense) == (21 if data_format == "NHWC" else 20)
+    assert all(c[-1] == (data_format == "NHWC") for c in calls)  # the layout reached the operator
     model.to(dtype="float64")  # same weights (no optimizer step); train-mode batch norm uses batch statistics
+    # in float64 the batch norms take Paddle's path, then the activation from ACTIVATIONS; the
+    # blocks end in an nn.ReLU
+    margins = []
+
+    def relu_recording(x):
+        margins.append(float(x.abs().min()))
+        return F.relu(x)
+
+    monkeypatch.setitem(layers.ACTIVATIONS, "relu", relu_recording)
+    hooks = [layer.register_forward_pre_hook(
+                 lambda _, inputs: margins.append(float(inputs[0].abs().min())) and None)
+             for layer in model.sublayers() if isinstance(layer, paddle.nn.ReLU)]
     ref_logits, ref = step("float64")
+    monkeypatch.undo()
+    for hook in hooks:
+        hook.remove()
+    assert len(margins) == 17 and min(margins) > 1e-3  # stem + 8 conv0 + 8 block outputs
     np.testing.assert_allclose(logits, ref_logits, atol=1e-4 * np.abs(ref_logits).max())
     assert ref.keys() == ours.keys()
     scale = max(np.abs(g).max() for g in ref.values())
@@ -126,11 +182,19 @@ def test_a_resnet_step_matches_float64_and_every_dense_convolution_takes_the_ope
     model.to(dtype="float32")
 
     from ppcls_ft.engine.export import export_dygraph
+    rng = paddle.get_rng_state()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = export_dygraph(model, tmp_path, [3, 32, 32], [{"ToCHWImage": None}], export_onnx=False)
+    after = paddle.rand([4]).numpy()
+    paddle.set_rng_state(rng)
+    assert np.array_equal(after, paddle.rand([4]).numpy())  # an export mid-training draws nothing
     graph = (out / "inference.json").read_text()
     assert "ppcls_conv2d" not in graph and "conv2d" in graph  # a static graph is Paddle's
+    # an NHWC model exports as its NCHW twin (ResNet.for_export): paddle-inference's oneDNN
+    # rejected the NHWC graph's stem convolution; the certificate compares against this model
+    assert "NHWC" not in graph
+    assert json.loads((out / "export_certificate.json").read_text())["passed"]
     # paddle.jit saw no branch of Conv2D.forward that binds a name (it warned once per layer)
     assert not [w for w in caught if "unbound" in str(w.message) or "ifelse" in str(w.message)]
 

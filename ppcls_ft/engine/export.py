@@ -129,7 +129,9 @@ def export_dygraph(model, save_dir, image_shape, preprocess_ops, label_names=Non
     was_training = model.training
     model.eval()
     try:
-        net = SoftmaxClassifier(model)
+        traced = model.for_export() if hasattr(model, "for_export") else model
+        traced.eval()
+        net = SoftmaxClassifier(traced)
         net.eval()
         spec = paddle.static.InputSpec([None] + image_shape, "float32", name="x")
         static_net = paddle.jit.to_static(net, input_spec=[spec], full_graph=True)

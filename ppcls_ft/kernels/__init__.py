@@ -86,11 +86,11 @@ def _wrap_core(library):
     def gelu(x):
         return _C_ops._run_custom_op("ppcls_gelu", x)[0]
 
-    def batch_norm(x, scale, bias, epsilon, activation=""):
+    def batch_norm(x, scale, bias, epsilon, activation="", channels_last=False):
         """Training-mode batch norm, then ``activation`` ("", "relu", "relu6", "hardswish") in the
-        same pass: (out, batch mean, biased batch variance)."""
+        same pass: (out, batch mean, biased batch variance). ``channels_last``: x is N, ..., C."""
         out, mean, _, var = _C_ops._run_custom_op("ppcls_batch_norm", x, scale, bias,
-                                                  float(epsilon), activation)
+                                                  float(epsilon), activation, bool(channels_last))
         return out, mean, var
 
     def hardswish(x):
@@ -106,11 +106,13 @@ def _wrap_onednn(library):
 
     load_op_meta_info_and_register_op(str(library))
 
-    def conv2d(x, weight, strides, paddings):
+    def conv2d(x, weight, strides, paddings, channels_last=False):
         """Dense convolution, no bias: ``strides`` [sh, sw], ``paddings`` [top, bottom, left,
-        right]. The backward computes only the gradients of inputs that take one."""
+        right]; x NCHW, or NHWC with ``channels_last`` (the weight is OIHW either way). The
+        backward computes only the gradients of inputs that take one."""
         return _C_ops._run_custom_op("ppcls_conv2d", x, weight, list(strides), list(paddings),
-                                     not x.stop_gradient, not weight.stop_gradient)[0]
+                                     not x.stop_gradient, not weight.stop_gradient,
+                                     bool(channels_last))[0]
 
     return dict(conv2d=conv2d)
 

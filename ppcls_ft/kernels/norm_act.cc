@@ -377,6 +377,123 @@ void batch_norm_backward(const float* xd, const float* g, const float* b, const 
   }
 }
 
+// The same on NHWC, where a channel's values are a column of the [rows, C] matrix: the rows are
+// cut into blocks of kBlock, each block's column sums are taken in float (one vector add per
+// row, the inner loop over channels) and kept per block in double, and the blocks are added in
+// order afterwards. The blocks do not depend on the thread count, so neither do the sums: a run
+// on one math thread and one on two give the same floats (tests/test_distributed.py compares
+// such runs).
+constexpr int64_t kBlock = 64;
+
+// out[j] = sum over rows r of the `terms` * c values f(r, .) adds into a zeroed row of floats
+template <typename F>
+void column_sums(int64_t rows, int64_t c, int terms, F f, double* out) {
+  const int64_t blocks = (rows + kBlock - 1) / kBlock, width = terms * c;
+  std::vector<double> partial(static_cast<size_t>(blocks) * width);
+#pragma omp parallel
+  {
+    std::vector<float> block(static_cast<size_t>(width));
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < blocks; ++i) {
+      std::fill(block.begin(), block.end(), 0.0f);
+      const int64_t r1 = std::min(rows, (i + 1) * kBlock);
+      for (int64_t r = i * kBlock; r < r1; ++r) f(r, block.data());
+      double* dst = partial.data() + static_cast<size_t>(i) * width;
+      for (int64_t j = 0; j < width; ++j) dst[j] = block[j];
+    }
+  }
+  std::fill(out, out + width, 0.0);
+  for (int64_t i = 0; i < blocks; ++i) {
+    const double* src = partial.data() + static_cast<size_t>(i) * width;
+    for (int64_t j = 0; j < width; ++j) out[j] += src[j];
+  }
+}
+
+template <Act A>
+void batch_norm_forward_nhwc(const float* xd, const float* g, const float* b, float epsilon,
+                             int64_t rows, int64_t c, float* od, float* md, float* rd, float* vd) {
+  const double count = static_cast<double>(rows);
+  std::vector<double> sums(c);
+  column_sums(rows, c, 1, [&](int64_t r, float* acc) {
+    const float* __restrict xp = xd + r * c;
+#pragma omp simd
+    for (int64_t ch = 0; ch < c; ++ch) acc[ch] += xp[ch];
+  }, sums.data());
+  std::vector<float> mu(c), mul(c), add(c);
+  for (int64_t ch = 0; ch < c; ++ch) mu[ch] = static_cast<float>(sums[ch] / count);
+  const float* mup = mu.data();
+  column_sums(rows, c, 1, [&](int64_t r, float* acc) {
+    const float* __restrict xp = xd + r * c;
+#pragma omp simd
+    for (int64_t ch = 0; ch < c; ++ch) acc[ch] += (xp[ch] - mup[ch]) * (xp[ch] - mup[ch]);
+  }, sums.data());
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const float v = static_cast<float>(sums[ch] / count);
+    const float rs = 1.0f / std::sqrt(v + epsilon);
+    affine(mu[ch], rs, g[ch], b[ch], &mul[ch], &add[ch]);
+    md[ch] = mu[ch];
+    rd[ch] = rs;
+    vd[ch] = v;
+  }
+  const float* __restrict mp = mul.data();
+  const float* __restrict ap = add.data();
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* __restrict xp = xd + r * c;
+    float* __restrict op = od + r * c;
+#pragma omp simd
+    for (int64_t ch = 0; ch < c; ++ch) op[ch] = activate<A>(xp[ch] * mp[ch] + ap[ch]);
+  }
+}
+
+template <Act A>
+void batch_norm_backward_nhwc(const float* xd, const float* g, const float* b, const float* md,
+                              const float* rd, const float* dy, int64_t rows, int64_t c,
+                              float* dx, float* gs, float* gb) {
+  const double count = static_cast<double>(rows);
+  std::vector<float> mul(c), add(c);
+  for (int64_t ch = 0; ch < c; ++ch) affine(md[ch], rd[ch], g[ch], b[ch], &mul[ch], &add[ch]);
+  const float* __restrict mp = mul.data();
+  const float* __restrict ap = add.data();
+  // sums[ch]: sum dz; sums[c + ch]: sum dz * (x - mean)
+  std::vector<double> sums(2 * c);
+  column_sums(rows, c, 2, [&](int64_t r, float* acc) {
+    const float* __restrict xp = xd + r * c;
+    const float* __restrict gp = dy + r * c;
+    float* __restrict a = acc;
+    float* __restrict bsum = acc + c;
+#pragma omp simd
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const float dz = activation_grad<A>(xp[ch] * mp[ch] + ap[ch], gp[ch]);
+      a[ch] += dz;
+      bsum[ch] += dz * (xp[ch] - md[ch]);
+    }
+  }, sums.data());
+  std::vector<float> mean_dz(c), k(c), grs(c);
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const float rs = rd[ch];
+    mean_dz[ch] = static_cast<float>(sums[ch] / count);
+    k[ch] = static_cast<float>(sums[c + ch] / count) * rs * rs;
+    grs[ch] = g[ch] * rs;
+    gs[ch] = static_cast<float>(sums[c + ch] * rs);
+    gb[ch] = static_cast<float>(sums[ch]);
+  }
+  const float* __restrict mdz = mean_dz.data();
+  const float* __restrict kp = k.data();
+  const float* __restrict gr = grs.data();
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* __restrict xp = xd + r * c;
+    const float* __restrict gp = dy + r * c;
+    float* __restrict dp = dx + r * c;
+#pragma omp simd
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const float dz = activation_grad<A>(xp[ch] * mp[ch] + ap[ch], gp[ch]);
+      dp[ch] = gr[ch] * (dz - mdz[ch] - (xp[ch] - md[ch]) * kp[ch]);
+    }
+  }
+}
+
 // One instantiation per activation, chosen once per call.
 #define PPCLS_ACT_DISPATCH(act, fn, ...)                                \
   switch (act) {                                                        \
@@ -388,11 +505,12 @@ void batch_norm_backward(const float* xd, const float* g, const float* b, const 
 
 std::vector<paddle::Tensor> BatchNormForward(const paddle::Tensor& x, const paddle::Tensor& scale,
                                              const paddle::Tensor& bias, float epsilon,
-                                             const std::string& activation) {
+                                             const std::string& activation, bool channels_last) {
   check_float_cpu(x, "ppcls_batch_norm: x");
-  PD_CHECK(x.shape().size() >= 2, "ppcls_batch_norm: x must be N, C, ...");
+  PD_CHECK(x.shape().size() >= 2, "ppcls_batch_norm: x must be N, C, ... (or N, ..., C)");
   PD_CHECK(x.numel() > 0, "ppcls_batch_norm: x is empty");
-  const int64_t n = x.shape()[0], c = x.shape()[1], plane = x.numel() / (n * c);
+  const int64_t n = x.shape()[0], c = channels_last ? x.shape().back() : x.shape()[1];
+  const int64_t plane = x.numel() / (n * c);
   PD_CHECK(scale.numel() == c && bias.numel() == c, "ppcls_batch_norm: scale and bias must have ",
            c, " elements (x's channels)");
   const Act act = parse_act(activation);
@@ -400,9 +518,15 @@ std::vector<paddle::Tensor> BatchNormForward(const paddle::Tensor& x, const padd
   auto mean = paddle::empty({c}, x.dtype(), x.place());
   auto rstd = paddle::empty({c}, x.dtype(), x.place());
   auto var = paddle::empty({c}, x.dtype(), x.place());
-  PPCLS_ACT_DISPATCH(act, batch_norm_forward, x.data<float>(), scale.data<float>(),
-                     bias.data<float>(), epsilon, n, c, plane, out.data<float>(),
-                     mean.data<float>(), rstd.data<float>(), var.data<float>())
+  if (channels_last) {
+    PPCLS_ACT_DISPATCH(act, batch_norm_forward_nhwc, x.data<float>(), scale.data<float>(),
+                       bias.data<float>(), epsilon, n * plane, c, out.data<float>(),
+                       mean.data<float>(), rstd.data<float>(), var.data<float>())
+  } else {
+    PPCLS_ACT_DISPATCH(act, batch_norm_forward, x.data<float>(), scale.data<float>(),
+                       bias.data<float>(), epsilon, n, c, plane, out.data<float>(),
+                       mean.data<float>(), rstd.data<float>(), var.data<float>())
+  }
   return {out, mean, rstd, var};
 }
 
@@ -410,16 +534,24 @@ std::vector<paddle::Tensor> BatchNormBackward(const paddle::Tensor& x, const pad
                                               const paddle::Tensor& bias, const paddle::Tensor& mean,
                                               const paddle::Tensor& rstd,
                                               const paddle::Tensor& grad_out, float epsilon,
-                                              const std::string& activation) {
-  const int64_t n = x.shape()[0], c = x.shape()[1], plane = x.numel() / (n * c);
+                                              const std::string& activation, bool channels_last) {
+  const int64_t n = x.shape()[0], c = channels_last ? x.shape().back() : x.shape()[1];
+  const int64_t plane = x.numel() / (n * c);
   const Act act = parse_act(activation);
   auto grad_x = paddle::empty(x.shape(), x.dtype(), x.place());
   auto grad_scale = paddle::empty(scale.shape(), scale.dtype(), scale.place());
   auto grad_bias = paddle::empty(scale.shape(), scale.dtype(), scale.place());
-  PPCLS_ACT_DISPATCH(act, batch_norm_backward, x.data<float>(), scale.data<float>(),
-                     bias.data<float>(), mean.data<float>(), rstd.data<float>(),
-                     grad_out.data<float>(), n, c, plane, grad_x.data<float>(),
-                     grad_scale.data<float>(), grad_bias.data<float>())
+  if (channels_last) {
+    PPCLS_ACT_DISPATCH(act, batch_norm_backward_nhwc, x.data<float>(), scale.data<float>(),
+                       bias.data<float>(), mean.data<float>(), rstd.data<float>(),
+                       grad_out.data<float>(), n * plane, c, grad_x.data<float>(),
+                       grad_scale.data<float>(), grad_bias.data<float>())
+  } else {
+    PPCLS_ACT_DISPATCH(act, batch_norm_backward, x.data<float>(), scale.data<float>(),
+                       bias.data<float>(), mean.data<float>(), rstd.data<float>(),
+                       grad_out.data<float>(), n, c, plane, grad_x.data<float>(),
+                       grad_scale.data<float>(), grad_bias.data<float>())
+  }
   return {grad_x, grad_scale, grad_bias};
 }
 
@@ -469,7 +601,7 @@ PD_BUILD_GRAD_OP(ppcls_layer_norm)
 PD_BUILD_OP(ppcls_batch_norm)
     .Inputs({"X", "Scale", "Bias"})
     .Outputs({"Out", "Mean", "Rstd", "Var"})
-    .Attrs({"epsilon: float", "activation: std::string"})
+    .Attrs({"epsilon: float", "activation: std::string", "channels_last: bool"})
     .SetKernelFn(PD_KERNEL(BatchNormForward))
     .SetInferShapeFn(PD_INFER_SHAPE(BatchNormShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(BatchNormDtype));
@@ -477,7 +609,7 @@ PD_BUILD_OP(ppcls_batch_norm)
 PD_BUILD_GRAD_OP(ppcls_batch_norm)
     .Inputs({"X", "Scale", "Bias", "Mean", "Rstd", paddle::Grad("Out")})
     .Outputs({paddle::Grad("X"), paddle::Grad("Scale"), paddle::Grad("Bias")})
-    .Attrs({"epsilon: float", "activation: std::string"})
+    .Attrs({"epsilon: float", "activation: std::string", "channels_last: bool"})
     .SetKernelFn(PD_KERNEL(BatchNormBackward));
 
 // The element-wise operators: y = f(x), and a backward from x and the output's gradient.

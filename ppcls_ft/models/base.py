@@ -27,6 +27,11 @@ class ClassifierBase(nn.Layer):
     def reset_classifier(self, class_num):
         raise NotImplementedError
 
+    def for_export(self):
+        """The layer an inference graph is traced from, holding this model's weights: the model
+        itself unless its family overrides this (ResNet built NHWC exports an NCHW twin)."""
+        return self
+
     def adapt_state_dict(self, state_dict):
         """Architecture-specific surgery on a checkpoint before keys are compared (default: none)."""
         return state_dict

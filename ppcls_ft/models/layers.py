@@ -45,12 +45,15 @@ def _explicit_padding(conv):
 class Conv2D(nn.Conv2D):
     """``nn.Conv2D`` (same parameters, state_dict keys and parameter names: the class name is what
     Paddle derives the names from) running ppcls_ft's CPU kernels in dygraph on a float32 CPU
-    tensor, for NCHW, zero padding, no dilation and no bias:
+    tensor, for zero padding, no dilation and no bias:
 
-    * the depthwise case (groups == in == out channels, square stride, symmetric padding):
+    * the depthwise case (NCHW, groups == in == out channels, square stride, symmetric padding):
       ``kernels/depthwise_conv.cc``, 2-10x Paddle's on these cores;
-    * the dense case (groups == 1) but for 1x1 with stride 1: ``kernels/onednn_conv.cc``,
-      oneDNN's primitives, 3-4x Paddle's im2col convolution forward and backward.
+    * the dense case (groups == 1), NCHW but for 1x1 with stride 1: ``kernels/onednn_conv.cc``,
+      oneDNN's primitives, 3-4x Paddle's im2col convolution forward and backward;
+    * every dense case on NHWC (``data_format="NHWC"``), 1x1 included: there oneDNN reads and
+      writes the tensors as they are, with no layout reorder around it (Paddle's own CPU
+      convolution transposes NHWC to NCHW and back).
 
     Anything else, and every static graph (export, ``paddle.jit``), is Paddle's own convolution."""
 
@@ -58,14 +61,17 @@ class Conv2D(nn.Conv2D):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                          groups=groups, **kw)
         st, pad, dil = self._stride, self._padding, self._dilation
-        plain = (self.bias is None and self._data_format == "NCHW"  # the kernels add no bias
+        self._channels_last = self._data_format == "NHWC"
+        plain = (self.bias is None  # the kernels add no bias
                  and self._padding_mode == "zeros" and set(dil) == {1})
-        self._depthwise = (plain and groups == in_channels == out_channels and isinstance(pad, int)
+        self._depthwise = (plain and not self._channels_last
+                           and groups == in_channels == out_channels and isinstance(pad, int)
                            and len(set(st)) == 1 and self._kernel_size[0] == self._kernel_size[1])
-        # 1x1 with stride 1 stays Paddle's: that is one MKL matrix product per image with nothing
-        # to unroll, and oneDNN's layout reorders around it made MobileNetV2 train 15 % and
-        # ResNet50 8 % slower (a step micro-benchmark, 2 cores, AMD EPYC)
-        pointwise = list(self._kernel_size) == [1, 1] and list(st) == [1, 1]
+        # On NCHW 1x1 with stride 1 stays Paddle's: that is one MKL matrix product per image with
+        # nothing to unroll, and oneDNN's layout reorders around it made MobileNetV2 train 15 %
+        # and ResNet50 8 % slower (a step micro-benchmark, 2 cores, AMD EPYC)
+        pointwise = (list(self._kernel_size) == [1, 1] and list(st) == [1, 1]
+                     and not self._channels_last)
         self._pads = _explicit_padding(self) if plain and groups == 1 and not pointwise else None
         self._strides = [int(v) for v in st]  # the operator's attribute, made once
 
@@ -79,7 +85,8 @@ class Conv2D(nn.Conv2D):
         elif self._pads is not None:
             conv2d = _cpu_op(x, "conv2d")
             if conv2d is not None:
-                return lambda: conv2d(x, self.weight, self._strides, self._pads)
+                return lambda: conv2d(x, self.weight, self._strides, self._pads,
+                                      self._channels_last)
         return None
 
     def forward(self, x):
@@ -214,7 +221,7 @@ class Hardswish(nn.Hardswish):
 class BatchNorm2D(nn.BatchNorm2D):
     """``nn.BatchNorm2D`` (same parameters, buffers, names and keys) whose training-mode forward
     with batch statistics runs ppcls_ft's CPU kernel (forward and backward 3x Paddle's) where
-    ``_cpu_op`` allows, NCHW, with scale and shift. The running statistics are updated as
+    ``_cpu_op`` allows, NCHW or NHWC, with scale and shift. The running statistics are updated as
     Paddle does: ``running = momentum * running + (1 - momentum) * batch``, with the biased batch
     variance. Evaluation, global statistics (``FineTune.freeze_bn_stats`` puts the layer in eval
     mode), and everything else are Paddle's.
@@ -226,11 +233,12 @@ class BatchNorm2D(nn.BatchNorm2D):
     def forward(self, x, act: Optional[str] = None):
         if act is not None and act not in ACTIVATIONS:
             raise ValueError(f"act must be one of {sorted(ACTIVATIONS)} or None, got {act!r}")
-        if (self.training and not self._use_global_stats and self._data_format == "NCHW"
+        if (self.training and not self._use_global_stats and self._data_format in ("NCHW", "NHWC")
                 and self.weight is not None and self.bias is not None):
             batch_norm = _cpu_op(x, "batch_norm")
             if batch_norm is not None:
-                out, mean, var = batch_norm(x, self.weight, self.bias, self._epsilon, act or "")
+                out, mean, var = batch_norm(x, self.weight, self.bias, self._epsilon, act or "",
+                                            self._data_format == "NHWC")
                 with paddle.no_grad():
                     m = self._momentum
                     paddle.assign(self._mean * m + mean * (1.0 - m), output=self._mean)

@@ -142,6 +142,10 @@ class ResNet(ClassifierBase):
                                                            "block (ResNet18/34); bottleneck blocks "
                                                            "widen 64 -> 256 and need the projection")
         self.class_num = check_class_num(class_num)
+        # what for_export rebuilds the model from
+        self._args = dict(depth=depth, vd=vd, lr_mult_list=lr_mult_list, stride_list=stride_list,
+                          max_pool=max_pool, input_image_channel=input_image_channel,
+                          layer_type=layer_type, use_first_short_conv=use_first_short_conv)
         lr_mults = check_lr_mult_list(lr_mult_list, 5)
         strides = check_stride_list(stride_list, 5)
         self.data_format = data_format
@@ -191,6 +195,22 @@ class ResNet(ClassifierBase):
 
     def forward_head(self, x):
         return self.fc(x)
+
+    def for_export(self):
+        """An NHWC ResNet exports as its NCHW twin with the same weights (a convolution's weight
+        is OIHW in both layouts, so every key and shape is the same). Why: paddle-inference
+        3.3.1's oneDNN passes mis-read the NHWC graph (the stem convolution after the input's
+        transpose fails its channel check, tests/test_onednn_conv.py), while an NCHW graph is
+        what PaddleClas's deploy code and every engine here run."""
+        if self.data_format == "NCHW":
+            return self
+        rng = paddle.get_rng_state()  # building draws initial weights: leave training's stream
+        try:
+            twin = ResNet(**self._args, class_num=self.class_num, data_format="NCHW")
+        finally:
+            paddle.set_rng_state(rng)
+        twin.set_state_dict(self.state_dict())
+        return twin
 
     def reset_classifier(self, class_num):
         self.class_num = check_class_num(class_num)
